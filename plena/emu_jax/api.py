@@ -1,0 +1,156 @@
+"""Python API: load a program and its preloads, run it, collect dumps and statistics.
+
+    result = run(words, cfg, hbm=..., fpsram=..., intsram=...)
+    result.dumps()            # the reference's dump contents, as arrays
+    result.instructions, result.cycles, result.hbm_bytes_read, result.opcode_counts
+
+``run`` raises :class:`plena.emu_jax.errors.PlenaError` (pc, instruction, rule) on any condition
+under which the reference panics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from plena.config import PlenaConfig, default_config
+from plena.emu_jax import cycles as cycle_model
+from plena.emu_jax.effects import Fields
+from plena.emu_jax.errors import DecodeError, Err, LoadError, PlenaError, raise_for
+from plena.emu_jax.interpreter import run_program
+from plena.emu_jax.ops_hbm import check_formats
+from plena.emu_jax.plan import Plan, plan_program
+from plena.emu_jax.state import Geometry, MachineState, init_state
+from plena.isa.encoding import DecodedProgram, decode_program
+from plena.isa.opcodes import BY_MNEMONIC, OPCODES, mnemonic_of
+from plena.numerics.bf16 import f32_to_bf16_bits_np
+from plena.verify.dumps import Dumps
+
+UNKNOWN_VRAM_ROWS = 1 << 16  # window used when the pre-pass cannot bound VRAM writes
+UNKNOWN_HBM_BYTES = 1 << 28
+MAX_HBM_WINDOW = (1 << 31) - (1 << 20)
+
+
+def _bucket(n: int, lo: int) -> int:
+    """Round up to a power of two (shapes shared between similar programs: fewer compiles)."""
+    n = max(n, lo)
+    return 1 << (n - 1).bit_length()
+
+
+def load_program(words: Sequence[int] | np.ndarray) -> DecodedProgram:
+    """Decode a whole program, raising the reference's load-time panics (spec §3.2)."""
+    prog = decode_program(words)
+    for code in (BY_MNEMONIC["M_BMM"].code, BY_MNEMONIC["M_BTMM"].code):
+        bad = np.nonzero((prog.opcode == code) & (prog.rd != 0))[0]
+        if len(bad):
+            pc = int(bad[0])
+            raise DecodeError(f"{mnemonic_of(code)} rd must be 0", pc=pc, instr=str(prog.instr(pc)))
+    return prog
+
+
+def geometry_for(prog: DecodedProgram, cfg: PlenaConfig, plan: Plan, *, hbm_len: int, vram_len: int,
+                 hbm_capacity: int) -> Geometry:
+    rows = plan.vram_rows if plan.vram_rows is not None else UNKNOWN_VRAM_ROWS
+    rows = max(rows, -(-vram_len // cfg.vlen))
+    rows = min(_bucket(rows, 64), cfg.vector_sram_size)
+    hbm = plan.hbm_write_end + 64 if plan.hbm_write_end is not None else UNKNOWN_HBM_BYTES
+    hbm = min(_bucket(max(hbm, hbm_len), 4096), hbm_capacity, MAX_HBM_WINDOW)
+    if plan.hbm_write_end is not None and plan.hbm_write_end > hbm and plan.hbm_write_end <= hbm_capacity:
+        raise LoadError(f"program writes HBM up to byte {plan.hbm_write_end}; the emulated window is "
+                        f"limited to {MAX_HBM_WINDOW} bytes")
+    return Geometry(cfg=cfg, vram_rows=rows, hbm_bytes=hbm, hbm_capacity=hbm_capacity,
+                    loop_depth=max(plan.loop_depth, 1), prog_len=_bucket(len(prog), 64))
+
+
+@dataclasses.dataclass
+class RunResult:
+    cfg: PlenaConfig
+    geometry: Geometry
+    state: MachineState
+    plan: Plan
+    instructions: int
+    opcode_counts: dict[str, int]
+    cycles: int
+    hbm_bytes_read: int
+    hbm_bytes_written: int
+    load_s: float
+    compile_s: float
+    run_s: float
+
+    def vram_bits(self) -> np.ndarray:
+        """VRAM window as flat bf16 bits (rows past the window are all zero)."""
+        return np.asarray(self.state.vram[:-1]).reshape(-1)
+
+    def dumps(self, *, with_hbm: bool = False) -> Dumps:
+        mram = np.asarray(self.state.mram[:-1]).reshape(-1)
+        return Dumps(vram=self.vram_bits(), mram=f32_to_bf16_bits_np(mram),
+                     fpsram=np.asarray(self.state.fpsram), intsram=np.asarray(self.state.intsram),
+                     hbm=np.asarray(self.state.hbm[: self.geometry.hbm_bytes]) if with_hbm else None)
+
+    @property
+    def instr_per_s(self) -> float:
+        return self.instructions / self.run_s if self.run_s > 0 else float("inf")
+
+
+def _u8(data) -> np.ndarray:
+    if data is None:
+        return np.zeros(0, np.uint8)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return np.frombuffer(bytes(data), np.uint8)
+    return np.asarray(data, np.uint8).reshape(-1)
+
+
+def run(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsram=None, intsram=None, vram=None,
+        hbm_size: int | None = None, max_steps: int | None = None) -> RunResult:
+    """Run a program (words, a DecodedProgram) with preloads already in machine formats:
+    hbm bytes, fpsram bf16 bits (u16), intsram u32, vram bf16 bits (u16 elements)."""
+    t0 = time.perf_counter()
+    cfg = cfg or default_config()
+    check_formats(cfg)
+    prog = program if isinstance(program, DecodedProgram) else load_program(program)
+    hbm_arr = _u8(hbm)
+    capacity = int(hbm_size if hbm_size is not None else cfg.hbm_size)
+    if capacity % 64:
+        raise LoadError(f"HBM size {capacity} is not a multiple of 64")
+    if len(hbm_arr) > capacity:
+        raise LoadError(f"HBM preload ({len(hbm_arr)} bytes) is larger than HBM ({capacity} bytes)")
+    ints = None if intsram is None else np.asarray(intsram, np.uint32)
+    fps = None if fpsram is None else np.asarray(fpsram, np.uint16)
+    for name, arr in (("FP SRAM", fps), ("INT SRAM", ints)):
+        if arr is not None and len(arr) > 1024:
+            raise LoadError(f"{name} preload has {len(arr)} entries (at most 1024)")
+    vr = None if vram is None else np.asarray(vram, np.uint16).reshape(-1)
+    plan = plan_program(prog, cfg, ints)
+    geo = geometry_for(prog, cfg, plan, hbm_len=len(hbm_arr), vram_len=0 if vr is None else len(vr),
+                       hbm_capacity=capacity)
+    st = init_state(geo, hbm=hbm_arr, fpsram=fps, intsram=ints, vram=vr)
+    pad = geo.prog_len - len(prog)
+    fields = Fields(*(jnp.asarray(np.pad(getattr(prog, name), (0, pad)))
+                      for name in Fields._fields))
+    n = jnp.int32(len(prog))
+    limit = jnp.int32(min(max_steps if max_steps is not None else 2**31 - 1, 2**31 - 1))
+    t1 = time.perf_counter()
+    compiled = run_program.lower(geo, fields, st, n, limit).compile()
+    t2 = time.perf_counter()
+    final = compiled(fields, st, n, limit)
+    jax.block_until_ready(final)
+    t3 = time.perf_counter()
+    err, err_pc = int(final.err), int(final.err_pc)
+    if err != Err.NONE:
+        raise_for(err, err_pc, str(prog.instr(err_pc)))
+    counts = np.asarray(final.counts)
+    return RunResult(
+        cfg=cfg, geometry=geo, state=final, plan=plan, instructions=int(final.steps),
+        opcode_counts={OPCODES[c].mnemonic if c in OPCODES else f"0x{c:02X}": int(counts[c] + final.skipped[c])
+                       for c in range(64) if counts[c] or final.skipped[c]},
+        cycles=cycle_model.non_hbm_cycles(counts, int(final.topk_experts), cfg),
+        hbm_bytes_read=64 * int(final.hbm_rd_blocks), hbm_bytes_written=64 * int(final.hbm_wr_blocks),
+        load_s=t1 - t0, compile_s=t2 - t1, run_s=t3 - t2)
+
+
+__all__ = ["run", "load_program", "RunResult", "PlenaError"]

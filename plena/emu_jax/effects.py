@@ -1,0 +1,93 @@
+"""What one instruction (micro-step) changes: the :class:`Effect` record.
+
+Every instruction function returns a full Effect. Small state (registers, loop stack, small
+accumulators) is returned whole; each large memory gets exactly one fixed-size write slot
+(VRAM row, MRAM row, HBM element and scale windows, up to 8 scalar-SRAM words) that the step
+function applies after the dispatch. The big batched-head accumulator is updated outside
+the dispatch too (``hm_mode``), so no branch ever returns a large buffer.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+
+from plena.emu_jax.state import SRAM_WORDS, TOPK_MAX, Geometry, MachineState
+
+HM_KEEP, HM_BMM, HM_BTMM, HM_ZERO = 0, 1, 2, 3
+
+
+class Fields(NamedTuple):
+    """The decoded fields of the current instruction (traced int32 scalars)."""
+
+    opcode: jnp.ndarray
+    rd: jnp.ndarray
+    rs1: jnp.ndarray
+    rs2: jnp.ndarray
+    rs3: jnp.ndarray
+    funct1: jnp.ndarray
+    imm18: jnp.ndarray
+    imm22: jnp.ndarray
+
+
+class Effect(NamedTuple):
+    gp: jnp.ndarray
+    fp: jnp.ndarray
+    a_hi: jnp.ndarray
+    a_lo: jnp.ndarray
+    scale: jnp.ndarray
+    stride: jnp.ndarray
+    vmask: jnp.ndarray
+    loop_pc: jnp.ndarray
+    loop_reg: jnp.ndarray
+    loop_cnt: jnp.ndarray
+    loop_sp: jnp.ndarray
+    m_acc: jnp.ndarray
+    v_acc: jnp.ndarray
+    hv_acc: jnp.ndarray
+    hm_mode: jnp.ndarray  # HM_* : what to do with hm_acc after the dispatch
+    next_pc: jnp.ndarray
+    vram_row: jnp.ndarray  # window row (the spare row = no write)
+    vram_data: jnp.ndarray  # u16[VLEN]
+    mram_tile: jnp.ndarray  # the spare tile = no write
+    mram_row: jnp.ndarray
+    mram_data: jnp.ndarray  # f32[MLEN]
+    hbm_e_idx: jnp.ndarray  # HBM window index of the element write (spare tail = no write)
+    hbm_e_data: jnp.ndarray  # u8[VLEN]
+    hbm_s_idx: jnp.ndarray
+    hbm_s_data: jnp.ndarray  # u8[VLEN // block]
+    fps_idx: jnp.ndarray  # i32[8] (>= 1024 = no write)
+    fps_val: jnp.ndarray  # u16[8]
+    ints_idx: jnp.ndarray
+    ints_val: jnp.ndarray  # u32[8]
+    hbm_rd: jnp.ndarray  # u32 blocks read by this step
+    hbm_wr: jnp.ndarray  # u32 blocks written
+    topk_e: jnp.ndarray  # i32 experts ranked (V_TOPK cycle model)
+    err: jnp.ndarray  # i32
+
+
+def hbm_scale_bytes(geo: Geometry) -> int:
+    fmt = geo.cfg.precision.hbm_v_act_type
+    return max(1, geo.cfg.vlen // getattr(fmt, "block", geo.cfg.vlen))
+
+
+def no_effect(geo: Geometry, st: MachineState) -> Effect:
+    """The effect of an instruction that changes nothing but the pc."""
+    c = geo.cfg
+    no_sram = jnp.full((TOPK_MAX,), SRAM_WORDS, jnp.int32)
+    return Effect(
+        gp=st.gp, fp=st.fp, a_hi=st.a_hi, a_lo=st.a_lo, scale=st.scale, stride=st.stride,
+        vmask=st.vmask, loop_pc=st.loop_pc, loop_reg=st.loop_reg, loop_cnt=st.loop_cnt,
+        loop_sp=st.loop_sp, m_acc=st.m_acc, v_acc=st.v_acc, hv_acc=st.hv_acc,
+        hm_mode=jnp.int32(HM_KEEP), next_pc=st.pc + 1,
+        vram_row=jnp.int32(geo.vram_rows), vram_data=jnp.zeros(c.vlen, jnp.uint16),
+        mram_tile=jnp.int32(geo.mram_tiles), mram_row=jnp.int32(0),
+        mram_data=jnp.zeros(c.mlen, jnp.float32),
+        hbm_e_idx=jnp.int32(geo.hbm_bytes), hbm_e_data=jnp.zeros(c.vlen, jnp.uint8),
+        hbm_s_idx=jnp.int32(geo.hbm_bytes + c.vlen + 64),
+        hbm_s_data=jnp.zeros(hbm_scale_bytes(geo), jnp.uint8),
+        fps_idx=no_sram, fps_val=jnp.zeros(TOPK_MAX, jnp.uint16),
+        ints_idx=no_sram, ints_val=jnp.zeros(TOPK_MAX, jnp.uint32),
+        hbm_rd=jnp.uint32(0), hbm_wr=jnp.uint32(0), topk_e=jnp.int32(0), err=jnp.int32(0),
+    )

@@ -1,0 +1,81 @@
+"""The reference interpreter: one ``lax.while_loop`` whose body dispatches the current
+instruction with ``lax.switch`` and applies its :class:`Effect`.
+
+Design (see docs/emulator.md): branches return only small state and fixed-size write slots;
+the step then does exactly one ``dynamic_update_slice`` per memory (writes that change
+nothing go to the memory's spare slot), so no large buffer is copied per step. An error
+code stops the loop at the faulting instruction with its effects discarded.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from plena.emu_jax import dispatch
+from plena.emu_jax.effects import HM_KEEP, Fields
+from plena.emu_jax.errors import Err
+from plena.emu_jax.ops_matrix import batched_update
+from plena.emu_jax.state import Geometry, MachineState
+
+
+def step(geo: Geometry, prog: Fields, st: MachineState) -> MachineState:
+    cfg = geo.cfg
+    f = Fields(*(col[st.pc] for col in prog))
+    op = f.opcode
+    first = st.sub == 0
+    active = jnp.arange(st.loop_cnt.shape[0]) < st.loop_sp
+    cnt = jnp.where(first & active, st.loop_cnt + 1, st.loop_cnt)
+    over_budget = first & jnp.any(active & (cnt > cfg.max_loop_instructions))
+    st1 = st._replace(loop_cnt=cnt)
+
+    skip = jnp.asarray(dispatch.FP_DEST)[op] & (f.rd == 0)
+    branch = jnp.where(skip, dispatch.SKIP, jnp.asarray(dispatch.BRANCH_OF)[op])
+    eff = lax.switch(branch, [functools.partial(fn, geo) for fn in dispatch.BRANCHES], st1, f)
+
+    err = jnp.where(over_budget, jnp.int32(int(Err.LOOP_BUDGET)), eff.err)
+    ok = err == 0
+    nsub = jnp.where(skip, 1, jnp.asarray(dispatch.micro_steps(cfg))[op])
+    last = st.sub + 1 >= nsub
+    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+
+    hm_acc = batched_update(geo, st1, f, jnp.where(ok, eff.hm_mode, HM_KEEP))
+    vram = lax.dynamic_update_slice(st.vram, eff.vram_data[None], (keep(eff.vram_row, geo.vram_rows), 0))
+    mram = lax.dynamic_update_slice(st.mram, eff.mram_data[None, None],
+                                    (keep(eff.mram_tile, geo.mram_tiles), eff.mram_row, 0))
+    hbm = lax.dynamic_update_slice(st.hbm, eff.hbm_e_data, (keep(eff.hbm_e_idx, geo.hbm_bytes),))
+    hbm = lax.dynamic_update_slice(hbm, eff.hbm_s_data, (keep(eff.hbm_s_idx, geo.hbm_bytes + cfg.vlen + 64),))
+    fpsram = st.fpsram.at[keep(eff.fps_idx, 1024)].set(eff.fps_val, mode="drop")
+    intsram = st.intsram.at[keep(eff.ints_idx, 1024)].set(eff.ints_val, mode="drop")
+    executed = first.astype(jnp.int32)
+    return MachineState(
+        pc=jnp.where(ok & last, eff.next_pc, st.pc),
+        sub=jnp.where(ok & ~last, st.sub + 1, 0),
+        gp=keep(eff.gp, st.gp), fp=keep(eff.fp, st.fp), a_hi=keep(eff.a_hi, st.a_hi),
+        a_lo=keep(eff.a_lo, st.a_lo), scale=keep(eff.scale, st.scale), stride=keep(eff.stride, st.stride),
+        vmask=keep(eff.vmask, st.vmask), loop_pc=keep(eff.loop_pc, st.loop_pc),
+        loop_reg=keep(eff.loop_reg, st.loop_reg), loop_cnt=keep(eff.loop_cnt, cnt),
+        loop_sp=keep(eff.loop_sp, st.loop_sp), fpsram=fpsram, intsram=intsram, vram=vram, mram=mram,
+        hbm=hbm, m_acc=keep(eff.m_acc, st.m_acc), v_acc=keep(eff.v_acc, st.v_acc), hm_acc=hm_acc,
+        hv_acc=keep(eff.hv_acc, st.hv_acc),
+        counts=st.counts.at[op].add(executed * (~skip)),
+        skipped=st.skipped.at[op].add(executed * skip),
+        topk_experts=st.topk_experts + jnp.where(ok, eff.topk_e, 0),
+        hbm_rd_blocks=st.hbm_rd_blocks + jnp.where(ok, eff.hbm_rd, 0).astype(jnp.uint32),
+        hbm_wr_blocks=st.hbm_wr_blocks + jnp.where(ok, eff.hbm_wr, 0).astype(jnp.uint32),
+        steps=st.steps + executed,
+        err=err, err_pc=jnp.where(ok, st.err_pc, st.pc),
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def run_program(geo: Geometry, prog: Fields, st: MachineState, n_instr, max_steps) -> MachineState:
+    """Run from st until the pc leaves the program, an error occurs, or max_steps instructions."""
+
+    def cond(s):
+        return (s.pc < n_instr) & (s.err == 0) & ((s.steps < max_steps) | (s.sub != 0))
+
+    return lax.while_loop(cond, functools.partial(step, geo, prog), st)

@@ -1,0 +1,130 @@
+"""Address arithmetic and checked memory access shared by the instruction functions.
+
+All functions are pure and jit-friendly. Address checks return an error code (0 = fine)
+instead of raising; the step function keeps the first error of an instruction.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from plena.emu_jax.errors import Err
+from plena.emu_jax.state import SRAM_WORDS, Geometry, MachineState
+from plena.numerics.bf16 import bf16_bits_to_f32, f32_to_bf16_bits
+
+U32 = jnp.uint32
+I32 = jnp.int32
+
+
+def u32(x) -> jnp.ndarray:
+    return jnp.asarray(x, dtype=U32) if not isinstance(x, jnp.ndarray) else x.astype(U32)
+
+
+def first_err(*codes) -> jnp.ndarray:
+    """The first non-zero error code (instruction rules are checked in order)."""
+    out = jnp.int32(0)
+    for code in reversed(codes):
+        code = jnp.asarray(code, I32)
+        out = jnp.where(code != 0, code, out)
+    return out
+
+
+def err_if(cond, code: Err) -> jnp.ndarray:
+    return jnp.where(cond, jnp.int32(int(code)), jnp.int32(0))
+
+
+# ---------------------------------------------------------------- 64-bit HBM addresses
+def add64(hi, lo, x):
+    """(hi:lo) + x for u32 words; x is a u32 (or u32-castable) value."""
+    x = u32(x)
+    nlo = lo + x
+    return hi + (nlo < lo).astype(U32), nlo
+
+
+def ge64(hi, lo, const: int):
+    """(hi:lo) >= const (a Python int)."""
+    chi, clo = U32(const >> 32), U32(const & 0xFFFFFFFF)
+    return (hi > chi) | ((hi == chi) & (lo >= clo))
+
+
+def hbm_index(geo: Geometry, hi, lo):
+    """Index into the HBM window, and whether the address lies inside it."""
+    inside = (hi == 0) & (lo < U32(geo.hbm_bytes))
+    return jnp.where(inside, lo, U32(geo.hbm_bytes)).astype(I32), inside
+
+
+def hbm_read(geo: Geometry, hbm, hi, lo, n: int):
+    """n bytes at (hi:lo); bytes outside the window (or past capacity) read as zero."""
+    idx, inside = hbm_index(geo, hi, lo)
+    window = lax.dynamic_slice(hbm, (idx,), (n,))
+    room = jnp.where(inside, U32(geo.hbm_bytes) - lo, U32(0))
+    valid = jnp.arange(n, dtype=U32) < room
+    return jnp.where(valid, window, jnp.uint8(0))
+
+
+def blocks_touched(lo, n: int):
+    """64-byte blocks covered by n bytes starting at an address whose low word is lo."""
+    return ((lo % U32(64)) + U32(n - 1)) // U32(64) + U32(1)
+
+
+# ---------------------------------------------------------------- VRAM
+def vram_row(geo: Geometry, addr):
+    """Row index for a VRAM element address, with the alignment/range rule checked."""
+    vlen = geo.cfg.vlen
+    addr = u32(addr)
+    row = addr // U32(vlen)
+    err = first_err(err_if(addr % U32(vlen) != 0, Err.VRAM_ALIGN),
+                    err_if(row >= U32(geo.cfg.vector_sram_size), Err.VRAM_RANGE))
+    return row, err
+
+
+def read_rows_bits(geo: Geometry, vram, row, n: int = 1):
+    """n consecutive rows from row (u32) as bf16 bits [n, VLEN]; rows outside the window read 0."""
+    rows = row + jnp.arange(n, dtype=U32)
+    inside = rows < U32(geo.vram_rows)
+    idx = jnp.where(inside, rows, U32(geo.vram_rows)).astype(I32)
+    data = lax.dynamic_slice(vram, (idx[0], 0), (1, geo.cfg.vlen)) if n == 1 else vram[idx]
+    return jnp.where(inside[:, None], data, jnp.uint16(0))
+
+
+def read_vram(geo: Geometry, st: MachineState, addr, n: int = 1):
+    """f32 rows [n, VLEN] at element address addr (rows addr, addr+VLEN, ...), error code."""
+    row, err = vram_row(geo, addr)
+    if n > 1:
+        err = first_err(err, err_if(row + U32(n - 1) >= U32(geo.cfg.vector_sram_size), Err.VRAM_RANGE))
+    return bf16_bits_to_f32(read_rows_bits(geo, st.vram, row, n)), err
+
+
+def write_target(geo: Geometry, row):
+    """Window row for a write to VRAM row `row` (assumed < depth), or the spare row + error."""
+    inside = row < U32(geo.vram_rows)
+    return jnp.where(inside, row, U32(geo.vram_rows)).astype(I32), err_if(~inside, Err.WINDOW)
+
+
+# ---------------------------------------------------------------- MRAM
+def mram_tile(geo: Geometry, addr):
+    """Tile index of an MRAM element address, checked (alignment, range)."""
+    c = geo.cfg
+    addr = u32(addr)
+    te = U32(c.mlen * c.mlen)
+    tile = addr // te
+    err = first_err(err_if(addr % te != 0, Err.MRAM_ALIGN), err_if(tile >= U32(c.mram_tiles), Err.MRAM_RANGE))
+    return jnp.minimum(tile, U32(c.mram_tiles)).astype(I32), err
+
+
+# ---------------------------------------------------------------- scalar SRAMs / registers
+def sram_index(idx, code: Err):
+    idx = u32(idx)
+    return jnp.minimum(idx, U32(SRAM_WORDS)).astype(I32), err_if(idx >= U32(SRAM_WORDS), code)
+
+
+def fp_read(st: MachineState, r):
+    """f32 value of fp register r (0..7; 8..15 is an error)."""
+    bad = r >= st.fp.shape[0]
+    return bf16_bits_to_f32(st.fp[jnp.minimum(r, st.fp.shape[0] - 1)]), err_if(bad, Err.FP_REG)
+
+
+def to_vram_bits(x):
+    """f32 -> bf16 bits with the VRAM cast (spec §2.9a)."""
+    return f32_to_bf16_bits(x)

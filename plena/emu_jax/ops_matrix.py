@@ -1,0 +1,238 @@
+"""Matrix-engine instructions (spec §4.1).
+
+Products are f32 matmuls added to the f32 accumulators (``acc = f32(acc + f32(partial))`` per
+instruction). The batched-head accumulator ``hm_acc`` is large, so M_BMM/M_BTMM only validate
+here and request the update through ``hm_mode``; :func:`batched_update` performs it after the
+dispatch. Write-outs are micro-stepped one VRAM row per step (``st.sub``).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from plena.emu_jax.effects import HM_BMM, HM_BTMM, HM_ZERO, no_effect
+from plena.emu_jax.errors import Err
+from plena.emu_jax.memory import (U32, err_if, first_err, mram_tile, read_rows_bits, read_vram, to_vram_bits,
+                                  u32, vram_row, write_target)
+from plena.emu_jax.state import Geometry
+from plena.numerics.bf16 import bf16_bits_to_f32
+
+HIGHEST = lax.Precision.HIGHEST
+BMM_SCALE = 0.25  # fixed; no instruction can change it (spec §2.2)
+
+
+def _mm(x, w):
+    return jnp.matmul(x, w, precision=HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _tile(geo: Geometry, st, tile):
+    t = lax.dynamic_index_in_dim(st.mram, tile, axis=0, keepdims=False)
+    return jnp.where(tile < geo.mram_tiles, t, 0.0)
+
+
+def _rowgranular(geo, m_addr):
+    """M_MM/M_TMM matrix address: tile base + colblock*BLEN*MLEN (spec §4.1)."""
+    c = geo.cfg
+    te = U32(c.mlen * c.mlen)
+    off = m_addr % te
+    c0 = off // U32(c.mlen)
+    tile, et = mram_tile(geo, m_addr - off)
+    err = first_err(err_if(off % U32(c.mlen) != 0, Err.MM_OFFSET), err_if(c0 % U32(c.blen) != 0, Err.MM_COLBLOCK), et)
+    return tile, jnp.minimum(c0, U32(c.mlen - c.blen)).astype(jnp.int32), err
+
+
+def m_mm(geo, st, f):
+    c = geo.cfg
+    tile, c0, em = _rowgranular(geo, st.gp[f.rs1])
+    x, ev = read_vram(geo, st, st.gp[f.rs2], c.blen)
+    cols = lax.dynamic_slice_in_dim(_tile(geo, st, tile), c0, c.blen, axis=1)
+    e = no_effect(geo, st)
+    return e._replace(m_acc=st.m_acc + _mm(x, cols), err=first_err(em, ev))
+
+
+def m_tmm(geo, st, f):
+    c = geo.cfg
+    tile, c0, em = _rowgranular(geo, st.gp[f.rs2])
+    x, ev = read_vram(geo, st, st.gp[f.rs1], c.blen)
+    rows = lax.dynamic_slice_in_dim(_tile(geo, st, tile), c0, c.blen, axis=0)
+    e = no_effect(geo, st)
+    return e._replace(m_acc=st.m_acc + _mm(x, rows.T), err=first_err(em, ev))
+
+
+def m_mv(geo, st, f):
+    c = geo.cfg
+    m_addr = st.gp[f.rs1]
+    te = U32(c.mlen * c.mlen)
+    off = m_addr % te
+    tile, et = mram_tile(geo, m_addr - off)
+    eo = err_if((off % U32(c.blen) != 0) | (off >= U32(c.mlen)), Err.MV_OFFSET)
+    x, ev = read_vram(geo, st, st.gp[f.rs2])
+    o = jnp.minimum(off, U32(c.mlen - c.blen)).astype(jnp.int32)
+    cols = lax.dynamic_slice_in_dim(_tile(geo, st, tile), o, c.blen, axis=1)
+    e = no_effect(geo, st)
+    return e._replace(v_acc=st.v_acc + _mm(x, cols)[0], err=first_err(eo, et, ev))
+
+
+def m_tmv(geo, st, f):
+    c = geo.cfg
+    m_addr = st.gp[f.rs1]
+    eo = err_if(m_addr % U32(c.mlen * c.mlen) % U32(c.blen) != 0, Err.MV_OFFSET)
+    tile, et = mram_tile(geo, m_addr)  # read at m_addr itself: any non-zero offset misaligns
+    x, ev = read_vram(geo, st, st.gp[f.rs2])
+    rows = _tile(geo, st, tile)[: c.blen]
+    e = no_effect(geo, st)
+    return e._replace(v_acc=st.v_acc + _mm(x, rows.T)[0], err=first_err(eo, et, ev))
+
+
+# ------------------------------------------------------------------ write-outs (micro-stepped)
+def _wo_target(geo, v_addr, row_addr, *errs):
+    row, er = vram_row(geo, row_addr)
+    target, ew = write_target(geo, row)
+    return row, target, first_err(*errs, er, ew)
+
+
+def m_mm_wo(geo, st, f):
+    """Row i = st.sub of BLEN: VRAM[base + i*MLEN*s][col:col+BLEN] = bf16(m_acc[i])."""
+    c = geo.cfg
+    v_addr = st.gp[f.rd] + u32(f.imm18)
+    s = jnp.where(f.rs1 == 0, U32(1), st.gp[f.rs1])
+    col = v_addr % U32(c.mlen)
+    base = v_addr - col
+    i = st.sub
+    row_addr = base + u32(i) * U32(c.mlen) * s
+    row, target, err = _wo_target(geo, v_addr, row_addr, err_if(col % U32(c.blen) != 0, Err.WO_COLUMN))
+    old = read_rows_bits(geo, st.vram, row)[0]
+    colc = jnp.minimum(col, U32(c.mlen - c.blen)).astype(jnp.int32)
+    new = lax.dynamic_update_slice(old, to_vram_bits(st.m_acc[jnp.minimum(i, c.blen - 1)]), (colc,))
+    last = i == c.blen - 1
+    e = no_effect(geo, st)
+    return e._replace(vram_row=target, vram_data=new, m_acc=jnp.where(last, 0.0, st.m_acc), err=err)
+
+
+def m_mv_wo(geo, st, f):
+    c = geo.cfg
+    v_addr = st.gp[f.rd] + u32(f.imm18)
+    col = v_addr % U32(c.mlen)
+    row, target, err = _wo_target(geo, v_addr, v_addr - col, err_if(col % U32(c.blen) != 0, Err.WO_COLUMN))
+    old = read_rows_bits(geo, st.vram, row)[0]
+    colc = jnp.minimum(col, U32(c.mlen - c.blen)).astype(jnp.int32)
+    new = lax.dynamic_update_slice(old, to_vram_bits(st.v_acc), (colc,))
+    e = no_effect(geo, st)
+    return e._replace(vram_row=target, vram_data=new, v_acc=jnp.zeros_like(st.v_acc), err=err)
+
+
+def m_bmm_wo(geo, st, f):
+    """Step j = g*MLEN + i: VRAM[v + (g*MLEN + i)*MLEN] = bf16(hm_acc[g][i])."""
+    c = geo.cfg
+    v_addr = st.gp[f.rd] + u32(f.imm18)
+    j = st.sub
+    row, target, err = _wo_target(geo, v_addr, v_addr + u32(j) * U32(c.mlen),
+                                  err_if(v_addr % U32(c.mlen) != 0, Err.BWO_ALIGN))
+    g, i = j // c.mlen, j % c.mlen
+    last = j == c.broadcast_amount * c.mlen - 1
+    e = no_effect(geo, st)
+    return e._replace(vram_row=target, vram_data=to_vram_bits(st.hm_acc[g, i]),
+                      hm_mode=jnp.where(last, HM_ZERO, e.hm_mode), err=err)
+
+
+def m_bmv_wo(geo, st, f):
+    c = geo.cfg
+    v_addr = st.gp[f.rd] + u32(f.imm18)
+    g = st.sub
+    row, target, err = _wo_target(geo, v_addr, v_addr + u32(g) * U32(c.mlen),
+                                  err_if(v_addr % U32(c.mlen) != 0, Err.BWO_ALIGN))
+    last = g == c.broadcast_amount - 1
+    e = no_effect(geo, st)
+    return e._replace(vram_row=target, vram_data=to_vram_bits(st.hv_acc[g]),
+                      hv_acc=jnp.where(last, 0.0, st.hv_acc), err=err)
+
+
+# ------------------------------------------------------------------ batched heads
+def _batch_cfg_err(geo):
+    c = geo.cfg
+    return jnp.int32(0 if c.broadcast_amount * c.hlen == c.mlen else int(Err.BATCH_CONFIG))
+
+
+def _bmm_decode(geo, m_addr):
+    """M_BMM/M_BMV: m_addr = tb + colblk + h0 within MLEN*BLEN; colblk must be 0."""
+    c = geo.cfg
+    span = U32(c.mlen * c.blen)
+    r = m_addr % span
+    colblk = r - r % U32(c.mlen)
+    h0 = r % U32(c.mlen)
+    tile, et = mram_tile(geo, m_addr - r)
+    err = first_err(_batch_cfg_err(geo), err_if(colblk % U32(c.blen) != 0, Err.MM_COLBLOCK),
+                    err_if(h0 % U32(c.hlen) != 0, Err.HEAD_OFFSET), et,
+                    err_if(colblk != 0, Err.BATCH_BLOCK))
+    return tile, jnp.minimum(h0, U32(c.mlen - c.hlen)).astype(jnp.int32), err
+
+
+def _btmm_decode(geo, m_addr):
+    """M_BTMM/M_BTMV: m_addr = tile base + rowblk + h0 within MLEN*MLEN; rowblk must be 0."""
+    c = geo.cfg
+    te = U32(c.mlen * c.mlen)
+    r = m_addr % te
+    rowblk = r - r % U32(c.mlen)
+    h0 = r % U32(c.mlen)
+    tile, et = mram_tile(geo, m_addr - r)
+    err = first_err(_batch_cfg_err(geo), err_if(rowblk % U32(c.blen) != 0, Err.MM_COLBLOCK),
+                    err_if(h0 % U32(c.hlen) != 0, Err.HEAD_OFFSET), et,
+                    err_if(rowblk != 0, Err.BATCH_BLOCK))
+    return tile, jnp.minimum(h0, U32(c.mlen - c.hlen)).astype(jnp.int32), err
+
+
+def m_bmm(geo, st, f):
+    _, _, em = _bmm_decode(geo, st.gp[f.rs1])
+    _, ev = read_vram(geo, st, st.gp[f.rs2], geo.cfg.mlen)
+    return no_effect(geo, st)._replace(hm_mode=jnp.int32(HM_BMM), err=first_err(em, ev))
+
+
+def m_btmm(geo, st, f):
+    _, _, em = _btmm_decode(geo, st.gp[f.rs1])
+    _, ev = read_vram(geo, st, st.gp[f.rs2], geo.cfg.mlen)
+    return no_effect(geo, st)._replace(hm_mode=jnp.int32(HM_BTMM), err=first_err(em, ev))
+
+
+def batched_update(geo: Geometry, st, f, mode):
+    """hm_acc after the dispatch: keep, += M_BMM product, += M_BTMM product, or zero."""
+    c = geo.cfg
+    ba, hl, ml = c.broadcast_amount, c.hlen, c.mlen
+
+    def rows():
+        return bf16_bits_to_f32(read_rows_bits(geo, st.vram, st.gp[f.rs2] // U32(c.vlen), ml))
+
+    def bmm(hm):
+        tile, h0, _ = _bmm_decode(geo, st.gp[f.rs1])
+        m = lax.dynamic_slice_in_dim(_tile(geo, st, tile), h0, hl, axis=0)  # [HLEN, MLEN]
+        x = rows().reshape(ml, hl, ba).transpose(2, 0, 1)  # interleaved heads: d*BA + g
+        return hm + BMM_SCALE * _mm(x, m)
+
+    def btmm(hm):
+        tile, h0, _ = _btmm_decode(geo, st.gp[f.rs1])
+        k = lax.dynamic_slice_in_dim(_tile(geo, st, tile), h0, hl, axis=1)  # [MLEN, HLEN]
+        x = rows().reshape(ml, ba, hl).transpose(1, 0, 2)  # contiguous heads: g*HLEN + d
+        return hm + BMM_SCALE * _mm(x, k.T)
+
+    if ba * hl != ml:  # batched ops cannot run on this machine; they raise BATCH_CONFIG
+        return lax.cond(mode == HM_ZERO, jnp.zeros_like, lambda h: h, st.hm_acc)
+    return lax.switch(mode, [lambda h: h, bmm, btmm, jnp.zeros_like], st.hm_acc)
+
+
+def m_btmv(geo, st, f):
+    c = geo.cfg
+    tile, h0, em = _btmm_decode(geo, st.gp[f.rs1] + st.gp[f.rd])
+    x, ev = read_vram(geo, st, st.gp[f.rs2])
+    e = no_effect(geo, st)
+    if c.broadcast_amount * c.hlen != c.mlen:
+        return e._replace(err=first_err(em, ev))
+    k = lax.dynamic_slice_in_dim(_tile(geo, st, tile), h0, c.hlen, axis=1)  # [MLEN, HLEN]
+    xh = x[0].reshape(c.broadcast_amount, c.hlen)
+    return e._replace(hv_acc=st.hv_acc + BMM_SCALE * _mm(xh, k.T), err=first_err(em, ev))
+
+
+def m_bmv(geo, st, f):
+    """Always a panic in the reference: its result [BA,1,MLEN] cannot be added to hv_accum."""
+    _, _, em = _bmm_decode(geo, st.gp[f.rs1] + st.gp[f.rd])
+    _, ev = read_vram(geo, st, st.gp[f.rs2])
+    return no_effect(geo, st)._replace(err=first_err(em, ev, jnp.int32(int(Err.BMV))))
