@@ -20,6 +20,7 @@ import numpy as np
 
 from plena.config import PlenaConfig, default_config
 from plena.emu_jax import cycles as cycle_model
+from plena.emu_jax.cache import enable_compilation_cache
 from plena.emu_jax.effects import Fields
 from plena.emu_jax.errors import DecodeError, Err, LoadError, PlenaError, raise_for
 from plena.emu_jax.interpreter import run_program
@@ -34,6 +35,11 @@ from plena.verify.dumps import Dumps
 UNKNOWN_VRAM_ROWS = 1 << 16  # window used when the pre-pass cannot bound VRAM writes
 UNKNOWN_HBM_BYTES = 1 << 28
 MAX_HBM_WINDOW = (1 << 31) - (1 << 20)
+# Coarse shape buckets: programs on the same machine config share one compiled interpreter.
+MIN_VRAM_ROWS, MIN_HBM_BYTES, MIN_LOOP_DEPTH, MIN_PROG_LEN = 1 << 11, 1 << 17, 8, 1 << 12
+
+
+_COMPILED: dict = {}  # Geometry -> compiled interpreter (lower().compile() bypasses jit's cache)
 
 
 def _bucket(n: int, lo: int) -> int:
@@ -57,14 +63,15 @@ def geometry_for(prog: DecodedProgram, cfg: PlenaConfig, plan: Plan, *, hbm_len:
                  hbm_capacity: int) -> Geometry:
     rows = plan.vram_rows if plan.vram_rows is not None else UNKNOWN_VRAM_ROWS
     rows = max(rows, -(-vram_len // cfg.vlen))
-    rows = min(_bucket(rows, 64), cfg.vector_sram_size)
+    rows = min(_bucket(rows, MIN_VRAM_ROWS), cfg.vector_sram_size)
     hbm = plan.hbm_write_end + 64 if plan.hbm_write_end is not None else UNKNOWN_HBM_BYTES
-    hbm = min(_bucket(max(hbm, hbm_len), 4096), hbm_capacity, MAX_HBM_WINDOW)
+    # The window may extend past the capacity: those bytes are never written and read as 0.
+    hbm = min(_bucket(max(hbm, hbm_len), MIN_HBM_BYTES), MAX_HBM_WINDOW)
     if plan.hbm_write_end is not None and plan.hbm_write_end > hbm and plan.hbm_write_end <= hbm_capacity:
         raise LoadError(f"program writes HBM up to byte {plan.hbm_write_end}; the emulated window is "
                         f"limited to {MAX_HBM_WINDOW} bytes")
-    return Geometry(cfg=cfg, vram_rows=rows, hbm_bytes=hbm, hbm_capacity=hbm_capacity,
-                    loop_depth=max(plan.loop_depth, 1), prog_len=_bucket(len(prog), 64))
+    return Geometry(cfg=cfg, vram_rows=rows, hbm_bytes=hbm,
+                    loop_depth=_bucket(plan.loop_depth, MIN_LOOP_DEPTH), prog_len=_bucket(len(prog), MIN_PROG_LEN))
 
 
 @dataclasses.dataclass
@@ -110,6 +117,7 @@ def run(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsram=None, intsr
     """Run a program (words, a DecodedProgram) with preloads already in machine formats:
     hbm bytes, fpsram bf16 bits (u16), intsram u32, vram bf16 bits (u16 elements)."""
     t0 = time.perf_counter()
+    enable_compilation_cache()
     cfg = cfg or default_config()
     check_formats(cfg)
     prog = program if isinstance(program, DecodedProgram) else load_program(program)
@@ -128,14 +136,16 @@ def run(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsram=None, intsr
     plan = plan_program(prog, cfg, ints)
     geo = geometry_for(prog, cfg, plan, hbm_len=len(hbm_arr), vram_len=0 if vr is None else len(vr),
                        hbm_capacity=capacity)
-    st = init_state(geo, hbm=hbm_arr, fpsram=fps, intsram=ints, vram=vr)
+    st = init_state(geo, hbm_capacity=capacity, hbm=hbm_arr, fpsram=fps, intsram=ints, vram=vr)
     pad = geo.prog_len - len(prog)
     fields = Fields(*(jnp.asarray(np.pad(getattr(prog, name), (0, pad)))
                       for name in Fields._fields))
     n = jnp.int32(len(prog))
     limit = jnp.int32(min(max_steps if max_steps is not None else 2**31 - 1, 2**31 - 1))
     t1 = time.perf_counter()
-    compiled = run_program.lower(geo, fields, st, n, limit).compile()
+    compiled = _COMPILED.get(geo)
+    if compiled is None:
+        compiled = _COMPILED[geo] = run_program.lower(geo, fields, st, n, limit).compile()
     t2 = time.perf_counter()
     final = compiled(fields, st, n, limit)
     jax.block_until_ready(final)

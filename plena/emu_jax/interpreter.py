@@ -43,10 +43,14 @@ def step(geo: Geometry, prog: Fields, st: MachineState) -> MachineState:
     keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
 
     hm_acc = batched_update(geo, st1, f, jnp.where(ok, eff.hm_mode, HM_KEEP))
-    vram = lax.dynamic_update_slice(st.vram, eff.vram_data[None], (keep(eff.vram_row, geo.vram_rows), 0))
-    mram = lax.dynamic_update_slice(st.mram, eff.mram_data[None, None],
+    # Every read of the old memories (the dispatch and the batched update) must happen before
+    # the in-place writes below; the barrier makes that order explicit, so XLA writes in place
+    # instead of copying whole buffers each step.
+    vram_in, mram_in, hbm_in, hm_acc, eff = lax.optimization_barrier((st.vram, st.mram, st.hbm, hm_acc, eff))
+    vram = lax.dynamic_update_slice(vram_in, eff.vram_data[None], (keep(eff.vram_row, geo.vram_rows), 0))
+    mram = lax.dynamic_update_slice(mram_in, eff.mram_data[None, None],
                                     (keep(eff.mram_tile, geo.mram_tiles), eff.mram_row, 0))
-    hbm = lax.dynamic_update_slice(st.hbm, eff.hbm_e_data, (keep(eff.hbm_e_idx, geo.hbm_bytes),))
+    hbm = lax.dynamic_update_slice(hbm_in, eff.hbm_e_data, (keep(eff.hbm_e_idx, geo.hbm_bytes),))
     hbm = lax.dynamic_update_slice(hbm, eff.hbm_s_data, (keep(eff.hbm_s_idx, geo.hbm_bytes + cfg.vlen + 64),))
     fpsram = st.fpsram.at[keep(eff.fps_idx, 1024)].set(eff.fps_val, mode="drop")
     intsram = st.intsram.at[keep(eff.ints_idx, 1024)].set(eff.ints_val, mode="drop")

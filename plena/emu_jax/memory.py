@@ -42,10 +42,15 @@ def add64(hi, lo, x):
     return hi + (nlo < lo).astype(U32), nlo
 
 
-def ge64(hi, lo, const: int):
-    """(hi:lo) >= const (a Python int)."""
-    chi, clo = U32(const >> 32), U32(const & 0xFFFFFFFF)
+def ge64(hi, lo, chi, clo):
+    """(hi:lo) >= (chi:clo), all u32 words."""
     return (hi > chi) | ((hi == chi) & (lo >= clo))
+
+
+def past_end64(hi, lo, n: int, cap_hi, cap_lo):
+    """Whether n bytes from (hi:lo) reach past a capacity (cap_hi:cap_lo) >= n."""
+    lim_hi, lim_lo = add64(cap_hi, cap_lo, U32((1 << 32) - n))  # cap - n, as cap + (2^32 - n) - 2^32
+    return ge64(hi, lo, lim_hi - U32(1), lim_lo) & ~((hi == lim_hi - U32(1)) & (lo == lim_lo))
 
 
 def hbm_index(geo: Geometry, hi, lo):

@@ -18,7 +18,7 @@ from jax import lax
 
 from plena.emu_jax.effects import no_effect
 from plena.emu_jax.errors import Err
-from plena.emu_jax.memory import (U32, add64, blocks_touched, err_if, first_err, ge64, hbm_index, hbm_read,
+from plena.emu_jax.memory import (U32, add64, blocks_touched, err_if, first_err, hbm_index, past_end64, hbm_read,
                                   mram_tile, read_rows_bits, to_vram_bits, u32, vram_row, write_target)
 from plena.emu_jax.state import Geometry
 from plena.numerics.bf16 import bf16_bits_to_f32
@@ -126,9 +126,8 @@ def h_store_v(geo, st, f):
     else:
         (ea, sa), (eb, sb) = mx_encode(x, fmt0), mx_encode(x, fmt1)
         elem, scale = jnp.where(f.funct1 == 0, ea, eb), jnp.where(f.funct1 == 0, sa, sb)
-    cap = geo.hbm_capacity
-    e_over = ge64(e_hi, e_lo, cap - c.vlen + 1)
-    s_over = ge64(s_hi, s_lo, cap - nsc + 1)
+    e_over = past_end64(e_hi, e_lo, c.vlen, st.hbm_cap_hi, st.hbm_cap_lo)
+    s_over = past_end64(s_hi, s_lo, nsc, st.hbm_cap_hi, st.hbm_cap_lo)
     e_idx, e_in = hbm_index(geo, e_hi, e_lo)
     s_idx, s_in = hbm_index(geo, s_hi, s_lo)
     e_fit = e_in & (e_lo <= U32(geo.hbm_bytes - c.vlen))

@@ -195,27 +195,34 @@ def m_btmm(geo, st, f):
 
 
 def batched_update(geo: Geometry, st, f, mode):
-    """hm_acc after the dispatch: keep, += M_BMM product, += M_BTMM product, or zero."""
+    """hm_acc after the dispatch: keep, += M_BMM product, += M_BTMM product, or zero.
+
+    The operands (MLEN VRAM rows, one MRAM tile) are sliced before the conditional so that
+    it never takes the whole VRAM/MRAM as operands: a conditional that reads them and passes
+    hm_acc through makes XLA copy both memories on every step.
+    """
     c = geo.cfg
     ba, hl, ml = c.broadcast_amount, c.hlen, c.mlen
-
-    def rows():
-        return bf16_bits_to_f32(read_rows_bits(geo, st.vram, st.gp[f.rs2] // U32(c.vlen), ml))
-
-    def bmm(hm):
-        tile, h0, _ = _bmm_decode(geo, st.gp[f.rs1])
-        m = lax.dynamic_slice_in_dim(_tile(geo, st, tile), h0, hl, axis=0)  # [HLEN, MLEN]
-        x = rows().reshape(ml, hl, ba).transpose(2, 0, 1)  # interleaved heads: d*BA + g
-        return hm + BMM_SCALE * _mm(x, m)
-
-    def btmm(hm):
-        tile, h0, _ = _btmm_decode(geo, st.gp[f.rs1])
-        k = lax.dynamic_slice_in_dim(_tile(geo, st, tile), h0, hl, axis=1)  # [MLEN, HLEN]
-        x = rows().reshape(ml, ba, hl).transpose(1, 0, 2)  # contiguous heads: g*HLEN + d
-        return hm + BMM_SCALE * _mm(x, k.T)
-
     if ba * hl != ml:  # batched ops cannot run on this machine; they raise BATCH_CONFIG
         return lax.cond(mode == HM_ZERO, jnp.zeros_like, lambda h: h, st.hm_acc)
+    is_bmm = mode == HM_BMM
+    m_addr = st.gp[f.rs1]
+    t_bmm, h_bmm, _ = _bmm_decode(geo, m_addr)
+    t_btmm, h_btmm, _ = _btmm_decode(geo, m_addr)
+    tile = _tile(geo, st, jnp.where(is_bmm, t_bmm, t_btmm))
+    h0 = jnp.where(is_bmm, h_bmm, h_btmm)
+    x = bf16_bits_to_f32(read_rows_bits(geo, st.vram, st.gp[f.rs2] // U32(c.vlen), ml))
+
+    def bmm(hm):
+        m = lax.dynamic_slice_in_dim(tile, h0, hl, axis=0)  # [HLEN, MLEN]
+        xh = x.reshape(ml, hl, ba).transpose(2, 0, 1)  # interleaved heads: d*BA + g
+        return hm + BMM_SCALE * _mm(xh, m)
+
+    def btmm(hm):
+        k = lax.dynamic_slice_in_dim(tile, h0, hl, axis=1)  # [MLEN, HLEN]
+        xh = x.reshape(ml, ba, hl).transpose(1, 0, 2)  # contiguous heads: g*HLEN + d
+        return hm + BMM_SCALE * _mm(xh, k.T)
+
     return lax.switch(mode, [lambda h: h, bmm, btmm, jnp.zeros_like], st.hm_acc)
 
 

@@ -30,7 +30,6 @@ class Geometry:
     cfg: PlenaConfig
     vram_rows: int  # emulated VRAM window in rows (<= cfg.vector_sram_size)
     hbm_bytes: int  # emulated HBM window in bytes (<= capacity)
-    hbm_capacity: int  # HBM_SIZE or --hbm-size: writes past it panic, reads return 0
     loop_depth: int  # loop stack slots
     prog_len: int  # padded program length
 
@@ -73,12 +72,14 @@ class MachineState(NamedTuple):
     topk_experts: jnp.ndarray  # i32 sum of E over executed V_TOPK (cycle model)
     hbm_rd_blocks: jnp.ndarray  # u32 64-byte blocks read
     hbm_wr_blocks: jnp.ndarray  # u32 64-byte blocks written
+    hbm_cap_hi: jnp.ndarray  # u32 HBM capacity (HBM_SIZE or --hbm-size), high word
+    hbm_cap_lo: jnp.ndarray  # u32 low word: writes past the capacity panic
     steps: jnp.ndarray  # i32 dynamic instructions executed
     err: jnp.ndarray  # i32 error code (0 = running / ok)
     err_pc: jnp.ndarray  # i32
 
 
-def init_state(geo: Geometry, *, hbm: np.ndarray | None = None, fpsram: np.ndarray | None = None,
+def init_state(geo: Geometry, *, hbm_capacity: int, hbm: np.ndarray | None = None, fpsram: np.ndarray | None = None,
                intsram: np.ndarray | None = None, vram: np.ndarray | None = None) -> MachineState:
     """Reset state with optional preloads (already in machine formats: u8 HBM bytes,
     u16 bf16 FP SRAM, u32 INT SRAM, u16 bf16 VRAM elements from element 0)."""
@@ -114,5 +115,6 @@ def init_state(geo: Geometry, *, hbm: np.ndarray | None = None, fpsram: np.ndarr
         counts=jnp.zeros(64, jnp.int32), skipped=jnp.zeros(64, jnp.int32),
         topk_experts=jnp.int32(0),
         hbm_rd_blocks=jnp.uint32(0), hbm_wr_blocks=jnp.uint32(0),
+        hbm_cap_hi=jnp.uint32(hbm_capacity >> 32), hbm_cap_lo=jnp.uint32(hbm_capacity & 0xFFFFFFFF),
         steps=jnp.int32(0), err=jnp.int32(0), err_pc=jnp.int32(-1),
     )
