@@ -70,6 +70,7 @@ def step(geo: Geometry, prog: Fields, st: MachineState) -> MachineState:
         topk_experts=st.topk_experts + jnp.where(ok, eff.topk_e, 0),
         hbm_rd_blocks=st.hbm_rd_blocks + jnp.where(ok, eff.hbm_rd, 0).astype(jnp.uint32),
         hbm_wr_blocks=st.hbm_wr_blocks + jnp.where(ok, eff.hbm_wr, 0).astype(jnp.uint32),
+        hbm_cap_hi=st.hbm_cap_hi, hbm_cap_lo=st.hbm_cap_lo,
         steps=st.steps + executed,
         err=err, err_pc=jnp.where(ok, st.err_pc, st.pc),
     )
