@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dump-hbm", action="store_true", help="also write hbm_dump.bin (the emulated window)")
     r.add_argument("--log-level", help="accepted for compatibility; ignored")
     r.set_defaults(func=_cmd_run)
+
+    e = sub.add_parser("example", help="run the built-in example (softmax on the emulator)")
+    e.set_defaults(func=lambda args: __import__("plena.example", fromlist=["main"]).main())
     return p
 
 
