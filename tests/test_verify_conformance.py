@@ -214,20 +214,6 @@ def test_harness_e4m3_vs_emulator_decode():
     np.testing.assert_array_equal(minifloat.decode_table(E8M0), C.harness_minifloat_table(E8M0))
 
 
-def test_parse_size():
-    assert C.parse_size("27648") == 27648
-    assert C.parse_size("64K") == 64_000
-    assert C.parse_size("64KiB") == 65_536
-    assert C.parse_size("16GiB") == 16 << 30
-    with pytest.raises(ValueError):
-        C.parse_size("12x")
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
-
-
 def test_conformance_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("PLENA_CONFORMANCE_DIR", str(tmp_path / "missing"))
     assert C.conformance_dir() is None and C.list_cases() == []

@@ -154,32 +154,27 @@ def _batch_cfg_err(geo):
     return jnp.int32(0 if c.broadcast_amount * c.hlen == c.mlen else int(Err.BATCH_CONFIG))
 
 
-def _bmm_decode(geo, m_addr):
-    """M_BMM/M_BMV: m_addr = tb + colblk + h0 within MLEN*BLEN; colblk must be 0."""
+def _batched_decode(geo, m_addr, span: int):
+    """Batched-head matrix address = tile base + block + h0, with r = m_addr mod span:
+    block = r - r mod MLEN (must be 0, else a libtorch shape error) and h0 = r mod MLEN (a
+    multiple of HLEN). span is MLEN*BLEN for M_BMM/M_BMV and MLEN*MLEN for M_BTMM/M_BTMV."""
     c = geo.cfg
-    span = U32(c.mlen * c.blen)
-    r = m_addr % span
-    colblk = r - r % U32(c.mlen)
+    r = m_addr % U32(span)
+    block = r - r % U32(c.mlen)
     h0 = r % U32(c.mlen)
     tile, et = mram_tile(geo, m_addr - r)
-    err = first_err(_batch_cfg_err(geo), err_if(colblk % U32(c.blen) != 0, Err.MM_COLBLOCK),
+    err = first_err(_batch_cfg_err(geo), err_if(block % U32(c.blen) != 0, Err.MM_COLBLOCK),
                     err_if(h0 % U32(c.hlen) != 0, Err.HEAD_OFFSET), et,
-                    err_if(colblk != 0, Err.BATCH_BLOCK))
+                    err_if(block != 0, Err.BATCH_BLOCK))
     return tile, jnp.minimum(h0, U32(c.mlen - c.hlen)).astype(jnp.int32), err
+
+
+def _bmm_decode(geo, m_addr):
+    return _batched_decode(geo, m_addr, geo.cfg.mlen * geo.cfg.blen)
 
 
 def _btmm_decode(geo, m_addr):
-    """M_BTMM/M_BTMV: m_addr = tile base + rowblk + h0 within MLEN*MLEN; rowblk must be 0."""
-    c = geo.cfg
-    te = U32(c.mlen * c.mlen)
-    r = m_addr % te
-    rowblk = r - r % U32(c.mlen)
-    h0 = r % U32(c.mlen)
-    tile, et = mram_tile(geo, m_addr - r)
-    err = first_err(_batch_cfg_err(geo), err_if(rowblk % U32(c.blen) != 0, Err.MM_COLBLOCK),
-                    err_if(h0 % U32(c.hlen) != 0, Err.HEAD_OFFSET), et,
-                    err_if(rowblk != 0, Err.BATCH_BLOCK))
-    return tile, jnp.minimum(h0, U32(c.mlen - c.hlen)).astype(jnp.int32), err
+    return _batched_decode(geo, m_addr, geo.cfg.mlen * geo.cfg.mlen)
 
 
 def m_bmm(geo, st, f):

@@ -65,6 +65,7 @@ from typing import Optional
 import ml_dtypes
 import numpy as np
 
+from plena.config import parse_size
 from plena.numerics.formats import E4M3, E8M0, FloatType
 from plena.verify.dumps import Dumps
 
@@ -80,7 +81,6 @@ __all__ = [
     "rule_matches",
     "bf16_match",
     "harness_minifloat_table",
-    "parse_size",
     "STRICT_ATOL",
     "STRICT_RTOL",
 ]
@@ -125,23 +125,6 @@ def list_cases() -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "manifest.json").is_file())
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?)(B?)\s*$", re.IGNORECASE)
-_SIZE_POW = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
-
-
-def parse_size(text: str) -> int:
-    """Parse a ``--hbm-size`` value ``N[K|M|G|T][i][B]`` (spec §5.1) into bytes.
-
-    A plain ``K/M/G/T`` is decimal (10^3 steps), with ``i`` binary (2^10 steps), the usual
-    byte-size convention.  Every case in the corpus uses a plain byte count.
-    """
-    m = _SIZE_RE.match(str(text))
-    if not m:
-        raise ValueError(f"bad size {text!r}")
-    n, unit, binary = int(m.group(1)), m.group(2).upper(), bool(m.group(3))
-    if binary and not unit:
-        raise ValueError(f"bad size {text!r}")
-    return n * ((1024 if binary else 1000) ** _SIZE_POW[unit])
 
 
 def _cli_flag(cli: list[str], flag: str) -> Optional[str]:
