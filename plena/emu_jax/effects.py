@@ -1,10 +1,9 @@
 """What one instruction (micro-step) changes: the :class:`Effect` record.
 
 Every instruction function returns a full Effect. Small state (registers, loop stack, small
-accumulators) is returned whole; each large memory gets exactly one fixed-size write slot
-(VRAM row, MRAM row, HBM element and scale windows, up to 8 scalar-SRAM words) that the step
-function applies after the dispatch. The big batched-head accumulator is updated outside
-the dispatch too (``hm_mode``), so no branch ever returns a large buffer.
+accumulators, the batched-head accumulator) is returned whole; each large memory gets exactly
+one fixed-size write slot (VRAM row, MRAM row, HBM element and scale windows, up to 8
+scalar-SRAM words) that the step function applies after the dispatch.
 """
 
 from __future__ import annotations
@@ -14,9 +13,6 @@ from typing import NamedTuple
 import jax.numpy as jnp
 
 from plena.emu_jax.state import SRAM_WORDS, TOPK_MAX, Geometry, MachineState
-
-HM_KEEP, HM_BMM, HM_BTMM, HM_ZERO = 0, 1, 2, 3
-
 
 class Fields(NamedTuple):
     """The decoded fields of the current instruction (traced int32 scalars)."""
@@ -46,7 +42,7 @@ class Effect(NamedTuple):
     m_acc: jnp.ndarray
     v_acc: jnp.ndarray
     hv_acc: jnp.ndarray
-    hm_mode: jnp.ndarray  # HM_* : what to do with hm_acc after the dispatch
+    hm_acc: jnp.ndarray  # f32[BA, MLEN, MLEN]
     next_pc: jnp.ndarray
     vram_row: jnp.ndarray  # window row (the spare row = no write)
     vram_data: jnp.ndarray  # u16[VLEN]
@@ -80,7 +76,7 @@ def no_effect(geo: Geometry, st: MachineState) -> Effect:
         gp=st.gp, fp=st.fp, a_hi=st.a_hi, a_lo=st.a_lo, scale=st.scale, stride=st.stride,
         vmask=st.vmask, loop_pc=st.loop_pc, loop_reg=st.loop_reg, loop_cnt=st.loop_cnt,
         loop_sp=st.loop_sp, m_acc=st.m_acc, v_acc=st.v_acc, hv_acc=st.hv_acc,
-        hm_mode=jnp.int32(HM_KEEP), next_pc=st.pc + 1,
+        hm_acc=st.hm_acc, next_pc=st.pc + 1,
         vram_row=jnp.int32(geo.vram_rows), vram_data=jnp.zeros(c.vlen, jnp.uint16),
         mram_tile=jnp.int32(geo.mram_tiles), mram_row=jnp.int32(0),
         mram_data=jnp.zeros(c.mlen, jnp.float32),

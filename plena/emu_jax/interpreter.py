@@ -16,10 +16,28 @@ import jax.numpy as jnp
 from jax import lax
 
 from plena.emu_jax import dispatch
-from plena.emu_jax.effects import HM_KEEP, Fields
+from plena.emu_jax.effects import Fields
 from plena.emu_jax.errors import Err
-from plena.emu_jax.ops_matrix import batched_update
+from plena.emu_jax.operands import Recorder, Replayer, fetch
 from plena.emu_jax.state import Geometry, MachineState
+
+
+def _with(st, proxy):
+    return st._replace(vram=proxy, mram=proxy, hbm=proxy)
+
+
+def _recording(geo, fn):
+    def branch(small, f):
+        rec = Recorder(geo)
+        fn(geo, _with(small, rec), f)
+        return rec.requests()
+    return branch
+
+
+def _replaying(geo, fn):
+    def branch(small, f, fetched):
+        return fn(geo, _with(small, Replayer(geo, fetched)), f)
+    return branch
 
 
 def step(geo: Geometry, prog: Fields, st: MachineState) -> MachineState:
@@ -34,7 +52,11 @@ def step(geo: Geometry, prog: Fields, st: MachineState) -> MachineState:
 
     skip = jnp.asarray(dispatch.FP_DEST)[op] & (f.rd == 0)
     branch = jnp.where(skip, dispatch.SKIP, jnp.asarray(dispatch.BRANCH_OF)[op])
-    eff = lax.switch(branch, [functools.partial(fn, geo) for fn in dispatch.BRANCHES], st1, f)
+    # record -> fetch -> replay (operands.py): no branch ever takes a large memory as operand
+    small = st1._replace(vram=None, mram=None, hbm=None)
+    requests = lax.switch(branch, [_recording(geo, fn) for fn in dispatch.BRANCHES], small, f)
+    fetched = fetch(geo, st1, requests)
+    eff = lax.switch(branch, [_replaying(geo, fn) for fn in dispatch.BRANCHES], small, f, fetched)
 
     err = jnp.where(over_budget, jnp.int32(int(Err.LOOP_BUDGET)), eff.err)
     ok = err == 0
@@ -42,15 +64,10 @@ def step(geo: Geometry, prog: Fields, st: MachineState) -> MachineState:
     last = st.sub + 1 >= nsub
     keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
 
-    hm_acc = batched_update(geo, st1, f, jnp.where(ok, eff.hm_mode, HM_KEEP))
-    # Every read of the old memories (the dispatch and the batched update) must happen before
-    # the in-place writes below; the barrier makes that order explicit, so XLA writes in place
-    # instead of copying whole buffers each step.
-    vram_in, mram_in, hbm_in, hm_acc, eff = lax.optimization_barrier((st.vram, st.mram, st.hbm, hm_acc, eff))
-    vram = lax.dynamic_update_slice(vram_in, eff.vram_data[None], (keep(eff.vram_row, geo.vram_rows), 0))
-    mram = lax.dynamic_update_slice(mram_in, eff.mram_data[None, None],
+    vram = lax.dynamic_update_slice(st.vram, eff.vram_data[None], (keep(eff.vram_row, geo.vram_rows), 0))
+    mram = lax.dynamic_update_slice(st.mram, eff.mram_data[None, None],
                                     (keep(eff.mram_tile, geo.mram_tiles), eff.mram_row, 0))
-    hbm = lax.dynamic_update_slice(hbm_in, eff.hbm_e_data, (keep(eff.hbm_e_idx, geo.hbm_bytes),))
+    hbm = lax.dynamic_update_slice(st.hbm, eff.hbm_e_data, (keep(eff.hbm_e_idx, geo.hbm_bytes),))
     hbm = lax.dynamic_update_slice(hbm, eff.hbm_s_data, (keep(eff.hbm_s_idx, geo.hbm_bytes + cfg.vlen + 64),))
     fpsram = st.fpsram.at[keep(eff.fps_idx, 1024)].set(eff.fps_val, mode="drop")
     intsram = st.intsram.at[keep(eff.ints_idx, 1024)].set(eff.ints_val, mode="drop")
@@ -63,7 +80,7 @@ def step(geo: Geometry, prog: Fields, st: MachineState) -> MachineState:
         vmask=keep(eff.vmask, st.vmask), loop_pc=keep(eff.loop_pc, st.loop_pc),
         loop_reg=keep(eff.loop_reg, st.loop_reg), loop_cnt=keep(eff.loop_cnt, cnt),
         loop_sp=keep(eff.loop_sp, st.loop_sp), fpsram=fpsram, intsram=intsram, vram=vram, mram=mram,
-        hbm=hbm, m_acc=keep(eff.m_acc, st.m_acc), v_acc=keep(eff.v_acc, st.v_acc), hm_acc=hm_acc,
+        hbm=hbm, m_acc=keep(eff.m_acc, st.m_acc), v_acc=keep(eff.v_acc, st.v_acc), hm_acc=keep(eff.hm_acc, st.hm_acc),
         hv_acc=keep(eff.hv_acc, st.hv_acc),
         counts=st.counts.at[op].add(executed * (~skip)),
         skipped=st.skipped.at[op].add(executed * skip),

@@ -60,7 +60,14 @@ def hbm_index(geo: Geometry, hi, lo):
 
 
 def hbm_read(geo: Geometry, hbm, hi, lo, n: int):
-    """n bytes at (hi:lo); bytes outside the window (or past capacity) read as zero."""
+    """n bytes at (hi:lo); bytes outside the window read as zero. ``hbm`` is the byte array
+    or, inside the dispatch, an operand proxy (:mod:`plena.emu_jax.operands`)."""
+    if hasattr(hbm, "hbm_bytes"):
+        return hbm.hbm_bytes(hi, lo, n)
+    return hbm_read_direct(geo, hbm, hi, lo, n)
+
+
+def hbm_read_direct(geo: Geometry, hbm, hi, lo, n: int):
     idx, inside = hbm_index(geo, hi, lo)
     window = lax.dynamic_slice(hbm, (idx,), (n,))
     room = jnp.where(inside, U32(geo.hbm_bytes) - lo, U32(0))
@@ -85,12 +92,27 @@ def vram_row(geo: Geometry, addr):
 
 
 def read_rows_bits(geo: Geometry, vram, row, n: int = 1):
-    """n consecutive rows from row (u32) as bf16 bits [n, VLEN]; rows outside the window read 0."""
-    rows = row + jnp.arange(n, dtype=U32)
-    inside = rows < U32(geo.vram_rows)
-    idx = jnp.where(inside, rows, U32(geo.vram_rows)).astype(I32)
-    data = lax.dynamic_slice(vram, (idx[0], 0), (1, geo.cfg.vlen)) if n == 1 else vram[idx]
-    return jnp.where(inside[:, None], data, jnp.uint16(0))
+    """n consecutive rows from row (u32) as bf16 bits [n, VLEN]; rows outside the window read 0.
+    ``vram`` is the VRAM array or, inside the dispatch, an operand proxy."""
+    if hasattr(vram, "vram_rows"):
+        return vram.vram_rows(row, n)
+    return rows_window(vram, row, n, geo.vram_rows)
+
+
+def rows_window(buf, row, n: int, limit: int):
+    """Rows [row, row+n) of a 2-D buffer whose rows >= limit read as zero.
+
+    Uses one dynamic_slice (never a gather over the whole buffer: XLA then copies the buffer
+    every loop iteration) and a small shift within the n-row window when it was clamped."""
+    row = jnp.asarray(row, U32)
+    start = jnp.minimum(row, U32(max(limit + 1 - n, 0))).astype(I32)
+    data = lax.dynamic_slice(buf, (start, 0), (n, buf.shape[1]))
+    if n > 1:
+        shift = (row.astype(I32) - start)
+        idx = jnp.arange(n) + shift
+        data = jnp.take(data, jnp.clip(idx, 0, n - 1), axis=0)
+    inside = (row + jnp.arange(n, dtype=U32)) < U32(limit)
+    return jnp.where(inside[:, None], data, jnp.zeros((), buf.dtype))
 
 
 def read_vram(geo: Geometry, st: MachineState, addr, n: int = 1):
@@ -116,6 +138,38 @@ def mram_tile(geo: Geometry, addr):
     tile = addr // te
     err = first_err(err_if(addr % te != 0, Err.MRAM_ALIGN), err_if(tile >= U32(c.mram_tiles), Err.MRAM_RANGE))
     return jnp.minimum(tile, U32(c.mram_tiles)).astype(I32), err
+
+
+def tile_cols(geo: Geometry, st: MachineState, tile, c0, width: int):
+    """Columns [c0, c0+width) of MRAM tile `tile` (a zero block for tiles outside the MRAM)."""
+    if hasattr(st.mram, "tile_cols"):
+        return st.mram.tile_cols(tile, c0, width)
+    t = lax.dynamic_index_in_dim(st.mram, jnp.clip(tile, 0, geo.mram_tiles), axis=0, keepdims=False)
+    blk = lax.dynamic_slice_in_dim(t, c0, width, axis=1)
+    return jnp.where(tile < geo.mram_tiles, blk, 0.0)
+
+
+def tile_rows(geo: Geometry, st: MachineState, tile, r0, n: int):
+    """Rows [r0, r0+n) of MRAM tile `tile`."""
+    if hasattr(st.mram, "tile_rows"):
+        return st.mram.tile_rows(tile, r0, n)
+    t = lax.dynamic_index_in_dim(st.mram, jnp.clip(tile, 0, geo.mram_tiles), axis=0, keepdims=False)
+    blk = lax.dynamic_slice_in_dim(t, r0, n, axis=0)
+    return jnp.where(tile < geo.mram_tiles, blk, 0.0)
+
+
+def vram_block(geo: Geometry, st: MachineState, row):
+    """The MLEN VRAM rows from `row` (bf16 bits) that a batched-head product reads."""
+    if hasattr(st.vram, "vram_block"):
+        return st.vram.vram_block(row)
+    return rows_window(st.vram, row, geo.cfg.mlen, geo.vram_rows)
+
+
+def tile_full(geo: Geometry, st: MachineState, tile):
+    """A whole MRAM tile (zeros for a tile outside the MRAM)."""
+    if hasattr(st.mram, "tile_full"):
+        return st.mram.tile_full(tile)
+    return tile_rows(geo, st, tile, 0, geo.cfg.mlen)
 
 
 # ---------------------------------------------------------------- scalar SRAMs / registers

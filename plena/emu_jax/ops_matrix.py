@@ -1,9 +1,10 @@
 """Matrix-engine instructions (spec §4.1).
 
 Products are f32 matmuls added to the f32 accumulators (``acc = f32(acc + f32(partial))`` per
-instruction). The batched-head accumulator ``hm_acc`` is large, so M_BMM/M_BTMM only validate
-here and request the update through ``hm_mode``; :func:`batched_update` performs it after the
-dispatch. Write-outs are micro-stepped one VRAM row per step (``st.sub``).
+instruction); batched-head products are scaled by the fixed 0.25 first. Memory reads go
+through :mod:`plena.emu_jax.memory` helpers, which the dispatch serves from operands fetched
+outside it (:mod:`plena.emu_jax.operands`). Write-outs are micro-stepped one VRAM row per
+step (``st.sub``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from plena.emu_jax.effects import HM_BMM, HM_BTMM, HM_ZERO, no_effect
+from plena.emu_jax.effects import no_effect
 from plena.emu_jax.errors import Err
-from plena.emu_jax.memory import (U32, err_if, first_err, mram_tile, read_rows_bits, read_vram, to_vram_bits,
-                                  u32, vram_row, write_target)
+from plena.emu_jax.memory import (U32, err_if, first_err, mram_tile, read_rows_bits, read_vram, tile_cols,
+                                  tile_full, tile_rows, to_vram_bits, vram_block, u32, vram_row, write_target)
 from plena.emu_jax.state import Geometry
 from plena.numerics.bf16 import bf16_bits_to_f32
 
@@ -24,11 +25,6 @@ BMM_SCALE = 0.25  # fixed; no instruction can change it (spec §2.2)
 
 def _mm(x, w):
     return jnp.matmul(x, w, precision=HIGHEST, preferred_element_type=jnp.float32)
-
-
-def _tile(geo: Geometry, st, tile):
-    t = lax.dynamic_index_in_dim(st.mram, tile, axis=0, keepdims=False)
-    return jnp.where(tile < geo.mram_tiles, t, 0.0)
 
 
 def _rowgranular(geo, m_addr):
@@ -46,7 +42,7 @@ def m_mm(geo, st, f):
     c = geo.cfg
     tile, c0, em = _rowgranular(geo, st.gp[f.rs1])
     x, ev = read_vram(geo, st, st.gp[f.rs2], c.blen)
-    cols = lax.dynamic_slice_in_dim(_tile(geo, st, tile), c0, c.blen, axis=1)
+    cols = tile_cols(geo, st, tile, c0, c.blen)
     e = no_effect(geo, st)
     return e._replace(m_acc=st.m_acc + _mm(x, cols), err=first_err(em, ev))
 
@@ -55,7 +51,7 @@ def m_tmm(geo, st, f):
     c = geo.cfg
     tile, c0, em = _rowgranular(geo, st.gp[f.rs2])
     x, ev = read_vram(geo, st, st.gp[f.rs1], c.blen)
-    rows = lax.dynamic_slice_in_dim(_tile(geo, st, tile), c0, c.blen, axis=0)
+    rows = tile_rows(geo, st, tile, c0, c.blen)
     e = no_effect(geo, st)
     return e._replace(m_acc=st.m_acc + _mm(x, rows.T), err=first_err(em, ev))
 
@@ -69,7 +65,7 @@ def m_mv(geo, st, f):
     eo = err_if((off % U32(c.blen) != 0) | (off >= U32(c.mlen)), Err.MV_OFFSET)
     x, ev = read_vram(geo, st, st.gp[f.rs2])
     o = jnp.minimum(off, U32(c.mlen - c.blen)).astype(jnp.int32)
-    cols = lax.dynamic_slice_in_dim(_tile(geo, st, tile), o, c.blen, axis=1)
+    cols = tile_cols(geo, st, tile, o, c.blen)
     e = no_effect(geo, st)
     return e._replace(v_acc=st.v_acc + _mm(x, cols)[0], err=first_err(eo, et, ev))
 
@@ -80,7 +76,7 @@ def m_tmv(geo, st, f):
     eo = err_if(m_addr % U32(c.mlen * c.mlen) % U32(c.blen) != 0, Err.MV_OFFSET)
     tile, et = mram_tile(geo, m_addr)  # read at m_addr itself: any non-zero offset misaligns
     x, ev = read_vram(geo, st, st.gp[f.rs2])
-    rows = _tile(geo, st, tile)[: c.blen]
+    rows = tile_rows(geo, st, tile, 0, c.blen)
     e = no_effect(geo, st)
     return e._replace(v_acc=st.v_acc + _mm(x, rows.T)[0], err=first_err(eo, et, ev))
 
@@ -133,7 +129,7 @@ def m_bmm_wo(geo, st, f):
     last = j == c.broadcast_amount * c.mlen - 1
     e = no_effect(geo, st)
     return e._replace(vram_row=target, vram_data=to_vram_bits(st.hm_acc[g, i]),
-                      hm_mode=jnp.where(last, HM_ZERO, e.hm_mode), err=err)
+                      hm_acc=jnp.where(last, 0.0, st.hm_acc), err=err)
 
 
 def m_bmv_wo(geo, st, f):
@@ -177,48 +173,41 @@ def _btmm_decode(geo, m_addr):
     return _batched_decode(geo, m_addr, geo.cfg.mlen * geo.cfg.mlen)
 
 
+def _rows_ok(geo, v_addr):
+    """Address rule for the MLEN VRAM rows a batched product reads (read after the dispatch)."""
+    row, err = vram_row(geo, v_addr)
+    return first_err(err, err_if(row + U32(geo.cfg.mlen - 1) >= U32(geo.cfg.vector_sram_size), Err.VRAM_RANGE))
+
+
+def _batched_rows(geo, st, f):
+    """The MLEN VRAM rows at gp[rs2] as f32 [MLEN, VLEN] (fetched outside the dispatch)."""
+    return bf16_bits_to_f32(vram_block(geo, st, st.gp[f.rs2] // U32(geo.cfg.vlen)))
+
+
 def m_bmm(geo, st, f):
-    _, _, em = _bmm_decode(geo, st.gp[f.rs1])
-    _, ev = read_vram(geo, st, st.gp[f.rs2], geo.cfg.mlen)
-    return no_effect(geo, st)._replace(hm_mode=jnp.int32(HM_BMM), err=first_err(em, ev))
+    """hm_acc[g] += 0.25 * X_g @ T[h0:h0+HLEN, :], X_g = interleaved head g (elements d*BA + g)."""
+    c = geo.cfg
+    tile, h0, em = _bmm_decode(geo, st.gp[f.rs1])
+    err = first_err(em, _rows_ok(geo, st.gp[f.rs2]))
+    e = no_effect(geo, st)
+    if c.broadcast_amount * c.hlen != c.mlen:
+        return e._replace(err=err)
+    m = lax.dynamic_slice_in_dim(tile_full(geo, st, tile), h0, c.hlen, axis=0)  # [HLEN, MLEN]
+    x = _batched_rows(geo, st, f).reshape(c.mlen, c.hlen, c.broadcast_amount).transpose(2, 0, 1)
+    return e._replace(hm_acc=st.hm_acc + BMM_SCALE * _mm(x, m), err=err)
 
 
 def m_btmm(geo, st, f):
-    _, _, em = _btmm_decode(geo, st.gp[f.rs1])
-    _, ev = read_vram(geo, st, st.gp[f.rs2], geo.cfg.mlen)
-    return no_effect(geo, st)._replace(hm_mode=jnp.int32(HM_BTMM), err=first_err(em, ev))
-
-
-def batched_update(geo: Geometry, st, f, mode):
-    """hm_acc after the dispatch: keep, += M_BMM product, += M_BTMM product, or zero.
-
-    The operands (MLEN VRAM rows, one MRAM tile) are sliced before the conditional so that
-    it never takes the whole VRAM/MRAM as operands: a conditional that reads them and passes
-    hm_acc through makes XLA copy both memories on every step.
-    """
+    """hm_acc[g] += 0.25 * X_g @ T[:, h0:h0+HLEN]^T, X_g = contiguous head g (elements g*HLEN + d)."""
     c = geo.cfg
-    ba, hl, ml = c.broadcast_amount, c.hlen, c.mlen
-    if ba * hl != ml:  # batched ops cannot run on this machine; they raise BATCH_CONFIG
-        return lax.cond(mode == HM_ZERO, jnp.zeros_like, lambda h: h, st.hm_acc)
-    is_bmm = mode == HM_BMM
-    m_addr = st.gp[f.rs1]
-    t_bmm, h_bmm, _ = _bmm_decode(geo, m_addr)
-    t_btmm, h_btmm, _ = _btmm_decode(geo, m_addr)
-    tile = _tile(geo, st, jnp.where(is_bmm, t_bmm, t_btmm))
-    h0 = jnp.where(is_bmm, h_bmm, h_btmm)
-    x = bf16_bits_to_f32(read_rows_bits(geo, st.vram, st.gp[f.rs2] // U32(c.vlen), ml))
-
-    def bmm(hm):
-        m = lax.dynamic_slice_in_dim(tile, h0, hl, axis=0)  # [HLEN, MLEN]
-        xh = x.reshape(ml, hl, ba).transpose(2, 0, 1)  # interleaved heads: d*BA + g
-        return hm + BMM_SCALE * _mm(xh, m)
-
-    def btmm(hm):
-        k = lax.dynamic_slice_in_dim(tile, h0, hl, axis=1)  # [MLEN, HLEN]
-        xh = x.reshape(ml, ba, hl).transpose(1, 0, 2)  # contiguous heads: g*HLEN + d
-        return hm + BMM_SCALE * _mm(xh, k.T)
-
-    return lax.switch(mode, [lambda h: h, bmm, btmm, jnp.zeros_like], st.hm_acc)
+    tile, h0, em = _btmm_decode(geo, st.gp[f.rs1])
+    err = first_err(em, _rows_ok(geo, st.gp[f.rs2]))
+    e = no_effect(geo, st)
+    if c.broadcast_amount * c.hlen != c.mlen:
+        return e._replace(err=err)
+    k = lax.dynamic_slice_in_dim(tile_full(geo, st, tile), h0, c.hlen, axis=1)  # [MLEN, HLEN]
+    x = _batched_rows(geo, st, f).reshape(c.mlen, c.broadcast_amount, c.hlen).transpose(1, 0, 2)
+    return e._replace(hm_acc=st.hm_acc + BMM_SCALE * _mm(x, k.T), err=err)
 
 
 def m_btmv(geo, st, f):
@@ -228,7 +217,7 @@ def m_btmv(geo, st, f):
     e = no_effect(geo, st)
     if c.broadcast_amount * c.hlen != c.mlen:
         return e._replace(err=first_err(em, ev))
-    k = lax.dynamic_slice_in_dim(_tile(geo, st, tile), h0, c.hlen, axis=1)  # [MLEN, HLEN]
+    k = tile_cols(geo, st, tile, h0, c.hlen)  # [MLEN, HLEN]
     xh = x[0].reshape(c.broadcast_amount, c.hlen)
     return e._replace(hv_acc=st.hv_acc + BMM_SCALE * _mm(xh, k.T), err=first_err(em, ev))
 

@@ -1,0 +1,33 @@
+"""Regression check on the compiled interpreter: no whole-buffer copy of VRAM, MRAM or HBM
+inside the loop (each would cost time proportional to the emulated memory on every step)."""
+
+import re
+
+import jax.numpy as jnp
+import numpy as np
+
+from plena.config import default_config
+from plena.emu_jax.api import geometry_for, load_program
+from plena.emu_jax.effects import Fields
+from plena.emu_jax.interpreter import run_program
+from plena.emu_jax.plan import plan_program
+from plena.emu_jax.state import init_state
+from plena.isa import assemble
+
+
+def test_no_whole_memory_copies_in_compiled_loop():
+    cfg = default_config()
+    prog = load_program(assemble("V_ADD_VV gp0, gp0, gp0, 0\nM_MM 0, gp0, gp0\n"))
+    geo = geometry_for(prog, cfg, plan_program(prog, cfg), hbm_len=0, vram_len=0, hbm_capacity=1 << 20)
+    st = init_state(geo, hbm_capacity=1 << 20)
+    fields = Fields(*(jnp.asarray(np.pad(getattr(prog, n), (0, geo.prog_len - len(prog)))) for n in Fields._fields))
+    hlo = run_program.lower(geo, fields, st, jnp.int32(len(prog)), jnp.int32(10)).compile().as_text()
+    shapes = {
+        "vram": rf"u16\[{geo.vram_rows + 1},{cfg.vlen}\]",
+        "mram": rf"f32\[{geo.mram_tiles + 1},{cfg.mlen},{cfg.mlen}\]",
+        "hbm": rf"u8\[{geo.hbm_bytes + geo.hbm_pad}\]",
+    }
+    for name, shape in shapes.items():
+        assert re.search(shape, hlo), f"{name} buffer not found in HLO: the check would be vacuous"
+        copies = [ln for ln in hlo.splitlines() if re.search(rf"= {shape}\S* copy\(", ln)]
+        assert not copies, f"whole-{name} copies in the compiled loop: {copies[:2]}"
