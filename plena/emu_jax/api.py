@@ -112,6 +112,56 @@ def _u8(data) -> np.ndarray:
     return np.asarray(data, np.uint8).reshape(-1)
 
 
+@dataclasses.dataclass
+class Inputs:
+    """Validated preloads in machine formats."""
+
+    hbm: np.ndarray  # u8
+    fpsram: np.ndarray | None  # u16 bf16 bits
+    intsram: np.ndarray | None  # u32
+    vram: np.ndarray | None  # u16 bf16 bits
+    capacity: int
+
+
+def check_inputs(cfg: PlenaConfig, *, hbm=None, fpsram=None, intsram=None, vram=None,
+                 hbm_size: int | None = None) -> Inputs:
+    """Validate preloads the way the reference does (its panics become LoadError)."""
+    hbm_arr = _u8(hbm)
+    capacity = int(hbm_size if hbm_size is not None else cfg.hbm_size)
+    if capacity % 64:
+        raise LoadError(f"HBM size {capacity} is not a multiple of 64")
+    if len(hbm_arr) > capacity:
+        raise LoadError(f"HBM preload ({len(hbm_arr)} bytes) is larger than HBM ({capacity} bytes)")
+    ints = None if intsram is None else np.asarray(intsram, np.uint32).reshape(-1)
+    fps = None if fpsram is None else np.asarray(fpsram, np.uint16).reshape(-1)
+    for name, arr in (("FP SRAM", fps), ("INT SRAM", ints)):
+        if arr is not None and len(arr) > 1024:
+            raise LoadError(f"{name} preload has {len(arr)} entries (at most 1024)")
+    vr = None if vram is None else np.asarray(vram, np.uint16).reshape(-1)
+    return Inputs(hbm_arr, fps, ints, vr, capacity)
+
+
+def program_fields(prog: DecodedProgram, geo: Geometry) -> Fields:
+    pad = geo.prog_len - len(prog)
+    return Fields(*(jnp.asarray(np.pad(getattr(prog, name), (0, pad))) for name in Fields._fields))
+
+
+def step_limit(max_steps: int | None):
+    return jnp.int32(min(max_steps if max_steps is not None else 2**31 - 1, 2**31 - 1))
+
+
+def finish(prog: DecodedProgram, final: MachineState, cfg: PlenaConfig):
+    """Raise the run's error, if any; else (opcode counts, cycles) of the run."""
+    err, err_pc = int(final.err), int(final.err_pc)
+    if err != Err.NONE:
+        raise_for(err, err_pc, str(prog.instr(err_pc)))
+    counts = np.asarray(final.counts)
+    skipped = np.asarray(final.skipped)
+    names = {c: OPCODES[c].mnemonic if c in OPCODES else f"0x{c:02X}" for c in range(64)}
+    opcode_counts = {names[c]: int(counts[c] + skipped[c]) for c in range(64) if counts[c] or skipped[c]}
+    return opcode_counts, cycle_model.non_hbm_cycles(counts, int(final.topk_experts), cfg)
+
+
 def run(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsram=None, intsram=None, vram=None,
         hbm_size: int | None = None, max_steps: int | None = None) -> RunResult:
     """Run a program (words, a DecodedProgram) with preloads already in machine formats:
@@ -121,27 +171,13 @@ def run(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsram=None, intsr
     cfg = cfg or default_config()
     check_formats(cfg)
     prog = program if isinstance(program, DecodedProgram) else load_program(program)
-    hbm_arr = _u8(hbm)
-    capacity = int(hbm_size if hbm_size is not None else cfg.hbm_size)
-    if capacity % 64:
-        raise LoadError(f"HBM size {capacity} is not a multiple of 64")
-    if len(hbm_arr) > capacity:
-        raise LoadError(f"HBM preload ({len(hbm_arr)} bytes) is larger than HBM ({capacity} bytes)")
-    ints = None if intsram is None else np.asarray(intsram, np.uint32)
-    fps = None if fpsram is None else np.asarray(fpsram, np.uint16)
-    for name, arr in (("FP SRAM", fps), ("INT SRAM", ints)):
-        if arr is not None and len(arr) > 1024:
-            raise LoadError(f"{name} preload has {len(arr)} entries (at most 1024)")
-    vr = None if vram is None else np.asarray(vram, np.uint16).reshape(-1)
-    plan = plan_program(prog, cfg, ints)
-    geo = geometry_for(prog, cfg, plan, hbm_len=len(hbm_arr), vram_len=0 if vr is None else len(vr),
-                       hbm_capacity=capacity)
-    st = init_state(geo, hbm_capacity=capacity, hbm=hbm_arr, fpsram=fps, intsram=ints, vram=vr)
-    pad = geo.prog_len - len(prog)
-    fields = Fields(*(jnp.asarray(np.pad(getattr(prog, name), (0, pad)))
-                      for name in Fields._fields))
-    n = jnp.int32(len(prog))
-    limit = jnp.int32(min(max_steps if max_steps is not None else 2**31 - 1, 2**31 - 1))
+    inp = check_inputs(cfg, hbm=hbm, fpsram=fpsram, intsram=intsram, vram=vram, hbm_size=hbm_size)
+    plan = plan_program(prog, cfg, inp.intsram)
+    geo = geometry_for(prog, cfg, plan, hbm_len=len(inp.hbm), vram_len=0 if inp.vram is None else len(inp.vram),
+                       hbm_capacity=inp.capacity)
+    st = init_state(geo, hbm_capacity=inp.capacity, hbm=inp.hbm, fpsram=inp.fpsram, intsram=inp.intsram,
+                    vram=inp.vram)
+    fields, n, limit = program_fields(prog, geo), jnp.int32(len(prog)), step_limit(max_steps)
     t1 = time.perf_counter()
     compiled = _COMPILED.get(geo)
     if compiled is None:
@@ -150,15 +186,10 @@ def run(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsram=None, intsr
     final = compiled(fields, st, n, limit)
     jax.block_until_ready(final)
     t3 = time.perf_counter()
-    err, err_pc = int(final.err), int(final.err_pc)
-    if err != Err.NONE:
-        raise_for(err, err_pc, str(prog.instr(err_pc)))
-    counts = np.asarray(final.counts)
+    opcode_counts, cycles = finish(prog, final, cfg)
     return RunResult(
         cfg=cfg, geometry=geo, state=final, plan=plan, instructions=int(final.steps),
-        opcode_counts={OPCODES[c].mnemonic if c in OPCODES else f"0x{c:02X}": int(counts[c] + final.skipped[c])
-                       for c in range(64) if counts[c] or final.skipped[c]},
-        cycles=cycle_model.non_hbm_cycles(counts, int(final.topk_experts), cfg),
+        opcode_counts=opcode_counts, cycles=cycles,
         hbm_bytes_read=64 * int(final.hbm_rd_blocks), hbm_bytes_written=64 * int(final.hbm_wr_blocks),
         load_s=t1 - t0, compile_s=t2 - t1, run_s=t3 - t2)
 

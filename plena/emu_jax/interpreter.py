@@ -40,7 +40,7 @@ def _replaying(geo, fn):
     return branch
 
 
-def step(geo: Geometry, prog: Fields, st: MachineState) -> MachineState:
+def step(geo: Geometry, prog: Fields, st: MachineState, branches=None) -> MachineState:
     cfg = geo.cfg
     f = Fields(*(col[st.pc] for col in prog))
     op = f.opcode
@@ -54,9 +54,10 @@ def step(geo: Geometry, prog: Fields, st: MachineState) -> MachineState:
     branch = jnp.where(skip, dispatch.SKIP, jnp.asarray(dispatch.BRANCH_OF)[op])
     # record -> fetch -> replay (operands.py): no branch ever takes a large memory as operand
     small = st1._replace(vram=None, mram=None, hbm=None)
-    requests = lax.switch(branch, [_recording(geo, fn) for fn in dispatch.BRANCHES], small, f)
+    branches = dispatch.BRANCHES if branches is None else branches
+    requests = lax.switch(branch, [_recording(geo, fn) for fn in branches], small, f)
     fetched = fetch(geo, st1, requests)
-    eff = lax.switch(branch, [_replaying(geo, fn) for fn in dispatch.BRANCHES], small, f, fetched)
+    eff = lax.switch(branch, [_replaying(geo, fn) for fn in branches], small, f, fetched)
 
     err = jnp.where(over_budget, jnp.int32(int(Err.LOOP_BUDGET)), eff.err)
     ok = err == 0
