@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--log-level", help="accepted for compatibility; ignored")
     r.set_defaults(func=_cmd_run)
 
+    i = sub.add_parser("isa-doc", help="print the ISA reference generated from the opcode table")
+    i.set_defaults(func=lambda args: print(__import__("plena.isa.docs", fromlist=["isa_markdown"]).isa_markdown()) or 0)
+
     e = sub.add_parser("example", help="run the built-in example (softmax on the emulator)")
     e.set_defaults(func=lambda args: __import__("plena.example", fromlist=["main"]).main())
     return p

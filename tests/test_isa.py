@@ -140,3 +140,15 @@ def test_any_word_round_trips_and_decodes(word):
     assert again == word
     prog = decode_program([word])
     assert int(prog.imm18[0]) == d.imm18 and int(prog.imm22[0]) == d.imm22 and int(prog.rs3[0]) == d.rs3
+
+
+def test_isa_doc_is_generated_from_the_table():
+    from pathlib import Path
+
+    from plena.isa.docs import isa_markdown
+
+    text = isa_markdown()
+    for op in OPCODES.values():
+        assert f"| 0x{op.code:02X} | {op.mnemonic} |" in text
+    committed = Path(__file__).resolve().parents[1] / "docs" / "isa.md"
+    assert committed.read_text() == text + "\n", "docs/isa.md is stale: regenerate with `plena isa-doc`"
