@@ -43,14 +43,32 @@ def _cmd_run(args) -> int:
     from plena.isa import AsmError, MemFileError, read_program
     from plena.verify.dumps import write_dump_dir
 
+    profile_out = args.stage_profile or ("stage_profile.json" if args.stage_profile_asm else None)
+    traced = bool(args.trace or profile_out)
+    show = args.progress if args.progress is not None else sys.stdout.isatty()
+    trace = None
     try:
         cfg = load_config(args.settings)
         hbm_size = parse_size(args.hbm_size) if args.hbm_size else None
         words = read_program(args.opcode)
-        result = run(words, cfg, hbm=files.read_bytes(args.hbm), fpsram=files.load_fpsram(args.fpsram),
-                     intsram=files.load_intsram(args.intsram) if args.intsram else None,
-                     vram=files.load_vram(args.vram) if args.vram else None, hbm_size=hbm_size)
+        inputs = dict(hbm=files.read_bytes(args.hbm), fpsram=files.load_fpsram(args.fpsram),
+                      intsram=files.load_intsram(args.intsram) if args.intsram else None,
+                      vram=files.load_vram(args.vram) if args.vram else None, hbm_size=hbm_size)
+        if traced or show:
+            from plena.emu_jax.profile import run_with_progress, terminal_progress
+            from plena.emu_jax.trace import run_traced
+
+            with terminal_progress(show) as progress:
+                if traced:
+                    result, trace = run_traced(words, cfg, **inputs, progress=progress)
+                else:
+                    result = run_with_progress(words, cfg, **inputs, progress=progress)
+        else:
+            result = run(words, cfg, **inputs)
     except PlenaError as exc:
+        if args.trace and getattr(exc, "trace", None) is not None:
+            exc.trace.save(args.trace)
+            print(f"trace of {len(exc.trace)} instructions (up to the panic) -> {args.trace}", file=sys.stderr)
         print(str(exc), file=sys.stderr)
         return EXIT_PANIC
     except (ConfigError, AsmError, MemFileError, ValueError, OSError) as exc:
@@ -60,7 +78,75 @@ def _cmd_run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_dump_dir(result.dumps(with_hbm=args.dump_hbm), out, hbm=args.dump_hbm)
     _print_stats(result, args.opcode)
+    if args.trace:
+        trace.save(args.trace)
+        print(f"trace of {len(trace)} instructions -> {args.trace}")
+    if profile_out:
+        return _write_stage_profile(args, result, trace, profile_out)
     return 0
+
+
+def _write_stage_profile(args, result, trace, path) -> int:
+    import json
+
+    from plena.emu_jax.profile import PcProfile, stage_profile, stages_for_program
+
+    rules = []
+    for rule in args.stage_rule or []:
+        sub, sep, name = rule.partition("=")
+        if not sep or not sub or not name:
+            print(f"error: --stage-rule {rule!r} is not SUBSTRING=NAME", file=sys.stderr)
+            return 2
+        rules.append((sub, name))
+    try:
+        stages = stages_for_program(args.opcode, len(trace.words), args.stage_profile_asm, rules=rules,
+                                    all_comments=args.stage_all_comments)
+    except (OSError, ValueError) as exc:
+        print(f"error: stage profile: {exc}", file=sys.stderr)
+        return 2
+    prof = stage_profile(PcProfile.from_trace(trace), stages, result.cfg, wall_s=result.run_s)
+    Path(path).write_text(json.dumps(prof, indent=2) + "\n")
+    _print_stages(prof, path)
+    return 0
+
+
+def _print_stages(prof: dict, path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("stage", "instructions", "%", "non-HBM cycles", "%", "HBM read B", "HBM written B",
+                  title=f"stage profile -> {path} (seconds estimated from instruction shares)")
+    for name, s in prof["stages"].items():
+        table.add_row(name, str(s["instructions"]), f"{100 * s['instruction_fraction']:.1f}",
+                      str(s["non_hbm_cycles"]), f"{100 * s['cycle_fraction']:.1f}", str(s["hbm_bytes_read"]),
+                      str(s["hbm_bytes_written"]))
+    Console().print(table)
+
+
+def _cmd_diff(args) -> int:
+    from plena.verify.diff import TensorMap, diff_dumps, diff_traces
+
+    a, b = Path(args.a), Path(args.b)
+    for p in (a, b):
+        if not p.exists():
+            print(f"error: {p} does not exist", file=sys.stderr)
+            return 2
+    if a.is_dir() != b.is_dir():
+        print("error: compare two trace files or two dump folders", file=sys.stderr)
+        return 2
+    try:
+        if a.is_dir():
+            tensors = TensorMap.load(args.tensors) if args.tensors else None
+            d = diff_dumps(a, b, tensors=tensors)
+        else:
+            from plena.emu_jax.trace import Trace
+
+            d = diff_traces(Trace.load(a), Trace.load(b), context=args.context)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(d.report())
+    return 0 if d.identical else 1
 
 
 def _print_stats(result, program) -> None:
@@ -105,7 +191,32 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=".", help="directory for the dump files (default: .)")
     r.add_argument("--dump-hbm", action="store_true", help="also write hbm_dump.bin (the emulated window)")
     r.add_argument("--log-level", help="accepted for compatibility; ignored")
+    r.add_argument("--trace", metavar="FILE", help="record every executed instruction (pc, registers, "
+                   "written windows with content hashes) into FILE: .npz, or .jsonl for one JSON line "
+                   "per instruction; compare two with `plena diff`")
+    r.add_argument("--stage-profile", "--stage-profile-out", dest="stage_profile", metavar="FILE",
+                   help="write a per-stage profile (instructions, non-HBM cycles, HBM bytes, estimated "
+                   "time share) as JSON; stages come from `; stage: NAME` comments")
+    r.add_argument("--stage-profile-asm", metavar="PATH", help="assembly (or tensors.json) that labels the "
+                   "pcs with stages (default: --opcode if .asm, else tensors.json / .asm beside it); "
+                   "alone it writes ./stage_profile.json like the reference")
+    r.add_argument("--stage-rule", action="append", metavar="SUBSTRING=NAME",
+                   help="a comment containing SUBSTRING starts stage NAME (repeatable)")
+    r.add_argument("--stage-all-comments", action="store_true",
+                   help="every whole-line comment starts a stage named after its text")
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show a progress bar on stderr (default: when stdout is a terminal)")
     r.set_defaults(func=_cmd_run)
+
+    f = sub.add_parser("diff", help="compare two runs: two --trace files (first divergent instruction) "
+                       "or two dump folders (first differing element per memory); exit 0 if identical, else 1")
+    f.add_argument("a")
+    f.add_argument("b")
+    f.add_argument("--tensors", metavar="tensors.json", help="name dump elements by the frontend tensors "
+                   "(Program.write's tensors.json)")
+    f.add_argument("--context", type=int, default=3, help="trace diff: executed instructions shown before "
+                   "the divergence (default 3)")
+    f.set_defaults(func=_cmd_diff)
 
     i = sub.add_parser("isa-doc", help="print the ISA reference generated from the opcode table")
     i.set_defaults(func=lambda args: print(__import__("plena.isa.docs", fromlist=["isa_markdown"]).isa_markdown()) or 0)
