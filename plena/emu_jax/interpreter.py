@@ -40,7 +40,9 @@ def _replaying(geo, fn):
     return branch
 
 
-def step(geo: Geometry, prog: Fields, st: MachineState, branches=None) -> MachineState:
+def effect_of(geo: Geometry, prog: Fields, st: MachineState, branches=None):
+    """Dispatch the current micro-step: (fields, state with loop counts bumped, over_budget,
+    skip, Effect). Nothing is written yet."""
     cfg = geo.cfg
     f = Fields(*(col[st.pc] for col in prog))
     op = f.opcode
@@ -58,7 +60,20 @@ def step(geo: Geometry, prog: Fields, st: MachineState, branches=None) -> Machin
     requests = lax.switch(branch, [_recording(geo, fn) for fn in branches], small, f)
     fetched = fetch(geo, st1, requests)
     eff = lax.switch(branch, [_replaying(geo, fn) for fn in branches], small, f, fetched)
+    return f, st1, over_budget, skip, eff
 
+
+def step(geo: Geometry, prog: Fields, st: MachineState, branches=None) -> MachineState:
+    return apply_effect(geo, st, *effect_of(geo, prog, st, branches))
+
+
+def apply_effect(geo: Geometry, st: MachineState, f: Fields, st1: MachineState, over_budget, skip,
+                 eff) -> MachineState:
+    """Commit a dispatched micro-step: one write per memory, registers, counters, pc."""
+    cfg = geo.cfg
+    op = f.opcode
+    first = st.sub == 0
+    cnt = st1.loop_cnt
     err = jnp.where(over_budget, jnp.int32(int(Err.LOOP_BUDGET)), eff.err)
     ok = err == 0
     nsub = jnp.where(skip, 1, jnp.asarray(dispatch.micro_steps(cfg))[op])

@@ -14,7 +14,6 @@ import functools
 
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from plena.emu_jax.effects import no_effect
 from plena.emu_jax.errors import Err

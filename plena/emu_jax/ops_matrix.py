@@ -16,7 +16,7 @@ from plena.emu_jax.effects import no_effect
 from plena.emu_jax.errors import Err
 from plena.emu_jax.memory import (U32, err_if, first_err, mram_tile, read_rows_bits, read_vram, tile_cols,
                                   tile_full, tile_rows, to_vram_bits, vram_block, u32, vram_row, write_target)
-from plena.emu_jax.state import Geometry
+
 from plena.numerics.bf16 import bf16_bits_to_f32
 
 HIGHEST = lax.Precision.HIGHEST

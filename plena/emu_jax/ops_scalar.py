@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from plena.emu_jax.effects import Effect, Fields, no_effect
+from plena.emu_jax.effects import Effect, no_effect
 from plena.emu_jax.errors import Err
-from plena.emu_jax.memory import (U32, err_if, first_err, fp_read, read_vram, sram_index, to_vram_bits,
+from plena.emu_jax.memory import (U32, err_if, first_err, fp_read, sram_index, to_vram_bits,
                                   vram_row, write_target)
-from plena.emu_jax.state import Geometry, MachineState
 from plena.numerics import unary
 from plena.numerics.bf16 import bf16_bits_to_f32, f32_to_bf16_bits_reg
 

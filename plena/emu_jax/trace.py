@@ -24,11 +24,10 @@ A record holds:
   every written element with its address, so it changes when any written bit changes);
 * HBM 64-byte blocks read / written and the V_TOPK expert count (for per-pc profiles).
 
-How the record is taken (no hook in the interpreter is needed): the step's :class:`Effect`
-is computed here with the interpreter's own record / fetch / replay helpers, and then
-:func:`step` is called with that effect as its single dispatch branch, so the state update
-(write masking, micro-steps, errors, counters) is the interpreter's, unchanged. The normal
-fast path (:func:`api.run`) is not touched by any of this.
+How the record is taken: the interpreter's step is split into :func:`effect_of` (dispatch)
+and :func:`apply_effect` (commit); the traced loop calls both and records the Effect in
+between, so the state update (write masking, micro-steps, errors, counters) is the
+interpreter's, unchanged. The normal path (:func:`api.run`) does not record anything.
 """
 
 from __future__ import annotations
@@ -46,13 +45,12 @@ import numpy as np
 from jax import lax
 
 from plena.config import PlenaConfig, default_config
-from plena.emu_jax import api, dispatch
+from plena.emu_jax import api
 from plena.emu_jax.cache import enable_compilation_cache
 from plena.emu_jax.effects import Effect, Fields
 from plena.emu_jax.errors import Err, PlenaError
-from plena.emu_jax.interpreter import _recording, _replaying, step
+from plena.emu_jax.interpreter import apply_effect, effect_of
 from plena.emu_jax.ops_hbm import check_formats
-from plena.emu_jax.operands import fetch
 from plena.emu_jax.plan import Plan, plan_program
 from plena.emu_jax.state import Geometry, MachineState, init_state
 from plena.isa.encoding import DecodedProgram
@@ -128,21 +126,6 @@ def result_of(p: Prepared, final: MachineState, compile_s: float, run_s: float) 
 # the traced loop (device side)
 # ---------------------------------------------------------------------------------------------
 
-def _effect(geo: Geometry, prog: Fields, st: MachineState) -> Effect:
-    """The Effect :func:`step` computes for this micro-step (same helpers, same inputs)."""
-    f = Fields(*(col[st.pc] for col in prog))
-    op = f.opcode
-    first = st.sub == 0
-    active = jnp.arange(st.loop_cnt.shape[0]) < st.loop_sp
-    st1 = st._replace(loop_cnt=jnp.where(first & active, st.loop_cnt + 1, st.loop_cnt))
-    skip = jnp.asarray(dispatch.FP_DEST)[op] & (f.rd == 0)
-    branch = jnp.where(skip, dispatch.SKIP, jnp.asarray(dispatch.BRANCH_OF)[op])
-    small = st1._replace(vram=None, mram=None, hbm=None)
-    requests = lax.switch(branch, [_recording(geo, fn) for fn in dispatch.BRANCHES], small, f)
-    fetched = fetch(geo, st1, requests)
-    return lax.switch(branch, [_replaying(geo, fn) for fn in dispatch.BRANCHES], small, f, fetched)
-
-
 def _fmix(h):
     """murmur3's 32-bit finaliser (a bijective avalanche mix)."""
     h = h ^ (h >> 16)
@@ -213,8 +196,8 @@ def _writes(geo: Geometry, eff: Effect, ok):
 
 def _traced_step(geo: Geometry, prog: Fields, carry):
     st, acc, buf, k = carry
-    eff = _effect(geo, prog, st)
-    new = step(geo, prog, st, branches=[lambda _geo, _st, _f: eff])
+    f, st1, over_budget, skip, eff = effect_of(geo, prog, st)
+    new = apply_effect(geo, st, f, st1, over_budget, skip, eff)
     ok = new.err == 0
     w, lo, hi, h = _writes(geo, eff, ok)
     acc = _Acc(
