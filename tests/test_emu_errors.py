@@ -17,7 +17,7 @@ import pytest
 from plena.config import default_config
 from plena.emu_jax.api import run
 from plena.emu_jax.errors import DecodeError, ExecutionError, LoadError, PlenaError
-from plena.isa import assemble, encode_fields
+from plena.isa import encode_fields
 
 CFG = default_config()
 SMALL = CFG.replace(vector_sram_size=2048, max_loop_instructions=40, dc_en=0, broadcast_amount=2,
@@ -28,25 +28,7 @@ DEPTH = 4194304  # VECTOR_SRAM_SIZE (rows) of the default machine
 SMALL_DEPTH = 2048
 
 
-def prog(*parts) -> list[int]:
-    out: list[int] = []
-    for p in parts:
-        if isinstance(p, str):
-            out += assemble(p)
-        elif isinstance(p, int):
-            out.append(p)
-        else:
-            out += prog(*p)
-    return out
-
-
-def li(reg: int, value: int) -> str:
-    if value < 1 << 18:
-        return f"S_ADDI_INT gp{reg}, gp0, {value}"
-    lines = [f"S_LUI_INT gp{reg}, {value >> 12}"]
-    if value & 0xFFF:
-        lines.append(f"S_ADDI_INT gp{reg}, gp{reg}, {value & 0xFFF}")
-    return "\n".join(lines)
+from asm_helpers import li, prog  # noqa: E402
 
 
 # Words the assembler cannot express, opcode numbers from spec §3.2.

@@ -25,7 +25,7 @@ import pytest
 
 from plena.config import default_config
 from plena.emu_jax.api import RunResult, run
-from plena.isa import assemble, encode_fields
+from plena.isa import encode_fields
 
 BF16 = ml_dtypes.bfloat16
 CFG = default_config()
@@ -182,27 +182,7 @@ def nice_e4m3(rng, shape) -> np.ndarray:
 # =============================================================================================
 # running programs and comparing states
 # =============================================================================================
-def prog(*parts) -> list[int]:
-    """Words from assembly text and raw words (ints / lists of ints), in order."""
-    out: list[int] = []
-    for p in parts:
-        if isinstance(p, str):
-            out += assemble(p)
-        elif isinstance(p, int):
-            out.append(p)
-        else:
-            out += prog(*p)
-    return out
-
-
-def li(reg: int, value: int) -> str:
-    """Load a u32 constant into gp<reg> (the compiler's S_LUI_INT/S_ADDI_INT idiom, spec §3.4)."""
-    if value < 1 << 18:
-        return f"S_ADDI_INT gp{reg}, gp0, {value}"
-    lines = [f"S_LUI_INT gp{reg}, {value >> 12}"]
-    if value & 0xFFF:
-        lines.append(f"S_ADDI_INT gp{reg}, gp{reg}, {value & 0xFFF}")
-    return "\n".join(lines)
+from asm_helpers import li, prog  # noqa: E402
 
 
 def snapshot(res: RunResult) -> dict[str, np.ndarray]:
