@@ -1,16 +1,17 @@
 """FFN-family ops: frontend (plena.frontend.ops_ffn) against golden (plena.golden.ops_ffn).
 
 (a) Bit-exactness: one program per machine (default MLEN 64 / BLEN 4, and MLEN 16 / BLEN 8
-    whose H_PREFETCH_M moves 4 tiles) runs SiLU, GELU (also in place; inputs over a wide
-    range with ±0, ±inf, NaN, exp-clamp and f32-subnormal values, preloaded in VRAM),
-    the gated FFN (D = 2 VLEN, I = 3 VLEN: K-split and several column blocks) and RoPE (several
+    whose H_PREFETCH_M moves 4 tiles) runs SiLU, GELU (also in place, and gated with the result
+    over the gate operand; inputs over a wide range with ±0, ±inf, NaN, exp-clamp and
+    f32-subnormal values, preloaded in VRAM), the gated FFN (D = 2 VLEN, I = 3 VLEN: K-split and several column blocks) and RoPE (several
     heads per row, in place) on the emulator; every output equals the hardware-policy golden
     bit for bit.
 (b) fp32 golden = the ideal formulas (float64 numpy references), hardware golden close to it.
 (c) jax.grad through the golden ops in fp32 mode equals the gradient of plain jnp formulas;
     hardware mode gives finite straight-through gradients close to it.
-(d) Upstream conformance: the FFN built at the aten_ffn / ci_ffn_m64b8s64 shapes and configs
-    from their inputs/*.npy matches the cases' golden (skipped without ../shared).
+(d) Upstream conformance: the FFN and RoPE built at the aten_ffn / ci_ffn_m64b8s64 and
+    aten_rope / ci_rope_m64b8s64 shapes and configs from their inputs/*.npy match the cases'
+    golden (skipped without ../shared; the ci_* cells, a second machine, are marked slow).
 (e) Layout helpers, rotate_half matrix, build-time errors.
 """
 
@@ -58,8 +59,10 @@ def canon_bits(x) -> np.ndarray:
 def assert_same_bits(golden, emulator):
     g, e = canon_bits(golden), canon_bits(emulator)
     bad = np.argwhere(g != e)
-    assert not len(bad), f"{len(bad)} of {g.size} differ, first at {bad[0].tolist()}: " \
-                         f"golden {np.asarray(golden)[tuple(bad[0])]} emulator {np.asarray(emulator)[tuple(bad[0])]}"
+    if len(bad):
+        at = tuple(bad[0])
+        pytest.fail(f"{len(bad)} of {g.size} differ, first at {list(at)}: golden "
+                    f"{np.asarray(golden)[at]} emulator {np.asarray(emulator)[at]}")
 
 
 def wide_values(rng, shape) -> np.ndarray:
@@ -122,6 +125,7 @@ def machine_run(request):
     data = {
         "act": wide_values(rng, (M, v)),
         "q": bf16_round(rng.normal(size=(M, v))),
+        "gate_in": bf16_round(rng.normal(size=(M, v))),
         "x": rng.normal(size=(M, d)).astype(np.float32),
     }
     data["cos"], data["sin"] = (bf16_round(t) for t in rope_tables(np.arange(M) + 3, head_dim, v))
@@ -129,14 +133,15 @@ def machine_run(request):
 
     b = ProgramBuilder(cfg)
     # VRAM preload regions first (they start at element 0, in this order)
-    names = ("act", "act_inplace", "q", "cos", "sin")
-    act, act_inplace, q, cos, sin = (b.vram(n, M) for n in names)
+    names = ("act", "act_inplace", "q", "cos", "sin", "gate_in")
+    act, act_inplace, q, cos, sin, gate_in = (b.vram(n, M) for n in names)
     preload = np.concatenate([data[n.replace("_inplace", "")] for n in names])
     regions = {"silu": b.vram("silu_out", M), "gelu": b.vram("gelu_out", M),
-               "silu_inplace": act_inplace, "rope": q}
+               "silu_inplace": act_inplace, "rope": q, "gelu_gated": gate_in}
     F.silu(b, act, regions["silu"])
     F.gelu(b, act, regions["gelu"])
     F.activation(b, "silu", act_inplace, act_inplace)
+    F.gelu(b, act, gate_in, gate=gate_in)  # the result over the gate operand
     # FFN: x from HBM, weights MX in HBM
     xt = b.hbm_input("x", data["x"])
     wts = [F.weight_input(b, n, data[n]) for n in ("wg", "wu", "wd")]
@@ -146,7 +151,7 @@ def machine_run(request):
     F.ffn(b, xv, M, *wts, regions["ffn"], act=act_kind, name="ffn")
     F.store_matrix(b, regions["ffn"], b.hbm_output("y", M, d))
     # RoPE in place
-    F.rope(b, q, cos, sin, q, head_dim=head_dim, name="rope")
+    F.rope(b, q, cos, sin, q, head_dim=head_dim, rot_weight=F.rope_weight(b, "R", head_dim), name="rope")
     prog = b.build()
     result = prog.run(vram=f32_to_bf16_bits_np(preload).reshape(-1))
     out = {k: prog.read_vram(result, r) for k, r in regions.items()}
@@ -163,6 +168,7 @@ def test_silu_gelu_bit_exact(machine_run):
     assert_same_bits(G.silu(x, hw), out["silu"])
     assert_same_bits(G.gelu(x, hw), out["gelu"])
     assert_same_bits(G.activation("silu", x, hw), out["silu_inplace"])
+    assert_same_bits(G.gelu(x, hw, gate=data["gate_in"]), out["gelu_gated"])
     # and the values are the activations (where 1.702 vs its bf16 value 1.703125 does not matter)
     fin = np.isfinite(x) & (np.abs(x) < 8)
     np.testing.assert_allclose(out["silu"][fin], silu64(x[fin]), rtol=0.02, atol=2e-3)
@@ -312,6 +318,35 @@ def test_ffn_at_conformance_shapes(case_name):
         assert result.instructions <= case.dynamic_instructions  # no more work than upstream
 
 
+@pytest.mark.parametrize("case_name", [
+    "aten_rope",
+    pytest.param("ci_rope_m64b8s64", marks=pytest.mark.slow),
+])
+def test_rope_at_conformance_shapes(case_name):
+    """Upstream passes rotate_half(Q) in from the host (QROT); here the machine computes it."""
+    if conformance_dir() is None:
+        pytest.skip("../shared/conformance is absent")
+    case = load_case(case_name)
+    cfg = load_config(case.settings_toml)
+    inp = {k: np.load(case.path / v["file"]) for k, v in case.manifest["inputs"].items()}
+    m, width = inp["Q"].shape
+    np.testing.assert_array_equal(inp["QROT"], rotate_half_np(inp["Q"], width))  # the convention
+    b = ProgramBuilder(cfg)
+    regions = {}
+    for n in ("Q", "COS", "SIN"):
+        regions[n] = b.vram(n.lower(), m)
+        b.load_rows(b.hbm_input(n, inp[n]), 0, regions[n], 0, m)
+    F.rope(b, regions["Q"], regions["COS"], regions["SIN"], regions["Q"], head_dim=width)
+    prog = b.build()
+    got = prog.read_vram(prog.run(), regions["Q"])
+    hw = Policy.hardware(cfg)
+    want = G.rope(*(G.from_hbm(inp[n], hw) for n in ("Q", "COS", "SIN")), width, cfg, hw)
+    assert_same_bits(want, got)
+    cmp = case.comparison
+    assert 100 * bf16_match(case.golden(), got, cmp["atol"], cmp["rtol"]).mean() >= cmp["min_match_rate_percent"]
+    assert 100 * bf16_match(case.golden(), got, 0.02, 0.02).mean() >= 99.0
+
+
 # =============================================================================================
 # (e) layout helpers and build errors
 # =============================================================================================
@@ -345,6 +380,8 @@ def test_build_errors():
         F.linear(b, x, 8, odd, out)
     with pytest.raises(BuildError, match="head_dim"):
         F.rope(b, x, x, x, x, head_dim=6)
+    with pytest.raises(BuildError, match="rotate-half matrix for head_dim 8"):
+        F.rope(b, x, x, x, x, head_dim=8, rot_weight=F.rope_weight(b, "R4", 4))
     with pytest.raises(BuildError, match="activation"):
         F.activation(b, "relu", x, x)
     with pytest.raises(BuildError, match="chain"):
