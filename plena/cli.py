@@ -223,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("example", help="run the built-in example (softmax on the emulator)")
     e.set_defaults(func=lambda args: __import__("plena.example", fromlist=["main"]).main())
+
+    from plena.demo import add_arguments as _demo_arguments
+
+    m = sub.add_parser("demo", help="Llama-family decoder (seeded random weights) on the emulator vs the golden "
+                       "model, stage by stage")
+    _demo_arguments(m)
+    m.set_defaults(func=lambda args: __import__("plena.demo", fromlist=["main"]).main(args=args))
     return p
 
 
