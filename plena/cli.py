@@ -230,7 +230,28 @@ def build_parser() -> argparse.ArgumentParser:
                        "model, stage by stage")
     _demo_arguments(m)
     m.set_defaults(func=lambda args: __import__("plena.demo", fromlist=["main"]).main(args=args))
+
+    c = sub.add_parser("compile", help="compile a Llama-family decoder (seeded random weights) into the "
+                       "upstream files (program.mem, hbm.bin, ...) plus run.sh")
+    c.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "clm-60m"])
+    c.add_argument("--layers", type=int, default=2)
+    c.add_argument("--seq", type=int, default=64)
+    c.add_argument("--config", help="plena_settings.toml of the target machine")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", required=True, help="output folder")
+    c.set_defaults(func=_cmd_compile)
     return p
+
+
+def _cmd_compile(args) -> int:
+    from plena.demo import compile_to_folder
+
+    prog, meta, folder = compile_to_folder(args.out, layers=args.layers, seq=args.seq, config=args.config,
+                                           model=args.model, seed=args.seed)
+    print(f"{args.model}: {args.layers} layer(s), seq {args.seq}: {len(prog.words)} instructions "
+          f"({prog.dynamic_instructions} dynamic), HBM image {len(prog.hbm)} B -> {folder}")
+    print(f"run it with: sh {folder}/run.sh --out DUMPS")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -135,3 +135,17 @@ def main(argv: Optional[list] = None, args: Optional[argparse.Namespace] = None)
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def compile_to_folder(out, *, layers: int = 2, seq: int = 64, config: Optional[str] = None,
+                      model: str = "smollm2-135m", seed: int = 0):
+    """``plena compile``: build the decoder and write it as the upstream files (program.asm,
+    program.mem, hbm.bin, fp_sram.bin, int_sram.bin, vram_preload.bin, plena_settings.toml,
+    tensors.json, run.sh) so that ``plena run`` or the reference emulator can run it."""
+    from plena.config import default_config, load_config
+    from plena.frontend.model import compile_decoder, preset_params
+
+    cfg = load_config(config) if config else default_config()
+    prog, meta = compile_decoder(preset_params(model, layers, seed), cfg, seq=seq, layers=layers, seed=seed)
+    folder = prog.write(out, vram=meta["vram_preload"])
+    return prog, meta, folder

@@ -304,12 +304,16 @@ class Program:
     FILES = {"opcode": "program.mem", "hbm": "hbm.bin", "fpsram": "fp_sram.bin",
              "intsram": "int_sram.bin", "settings": "plena_settings.toml"}
 
-    def cli_args(self) -> list[str]:
+    VRAM_FILE = "vram_preload.bin"
+
+    def cli_args(self, *, vram: bool = False) -> list[str]:
         """The ``plena run`` / ``transactional_emulator`` flags for a folder written by
         :meth:`write` (file names relative to that folder)."""
         args = []
         for flag, name in self.FILES.items():
             args += [f"--{flag}", name]
+        if vram:
+            args += ["--vram", self.VRAM_FILE]
         return args + ["--hbm-size", str(self.hbm_size)]
 
     def _write_settings(self, path: Path) -> None:
@@ -326,9 +330,10 @@ class Program:
         if load_config(path) != self.cfg:  # pragma: no cover - guards the writer
             raise RuntimeError(f"{path}: the written settings do not describe the program's machine")
 
-    def write(self, directory: Union[str, Path]) -> Path:
+    def write(self, directory: Union[str, Path], *, vram=None) -> Path:
         """Write program.asm, program.mem, hbm.bin, fp_sram.bin (f16 LE), int_sram.bin,
-        plena_settings.toml, tensors.json and run.sh into ``directory`` (created if needed).
+        plena_settings.toml, tensors.json and run.sh into ``directory`` (created if needed), and
+        ``vram_preload.bin`` (bf16 LE) when a VRAM preload (u16 bf16 bits) is given.
         ``sh run.sh [--out DIR]`` runs it with ``$PLENA`` (default ``plena``)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
@@ -338,12 +343,14 @@ class Program:
         (d / self.FILES["fpsram"]).write_bytes(np.asarray(self.fpsram_f16, "<u2").tobytes())
         (d / self.FILES["intsram"]).write_bytes(np.asarray(self.intsram, "<u4").tobytes())
         self._write_settings(d / self.FILES["settings"])
+        if vram is not None:
+            (d / self.VRAM_FILE).write_bytes(np.asarray(vram, "<u2").tobytes())
         meta = {"hbm_size": self.hbm_size, "instructions": len(self.words),
                 "dynamic_instructions": self.dynamic_instructions,
                 "tensors": {k: _placement_json(v) for k, v in self.tensors.items()},
                 "stages": {k: dataclasses.asdict(v) for k, v in self.stages.items()}}
         (d / "tensors.json").write_text(json.dumps(meta, indent=2) + "\n")
-        cmd = " ".join(shlex.quote(a) for a in self.cli_args())
+        cmd = " ".join(shlex.quote(a) for a in self.cli_args(vram=vram is not None))
         (d / "run.sh").write_text("#!/bin/sh\n# Runs this program on PLENA-JAX (the reference "
                                   "transactional_emulator takes the same flags).\n"
                                   'cd "$(dirname "$0")" || exit 1\n'
