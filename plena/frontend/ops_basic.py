@@ -416,6 +416,21 @@ def _row_op_setup(b, x, out, name, what):
     return x, out
 
 
+def _emit_inv_std(b, acc, psq, nblocks, chunk, inv_d, feps):
+    """acc = 1/sqrt(sum_j(chunk(j)^2) / D + eps): per block V_MUL_VV into scratch ``psq`` and
+    V_RED_SUM into ``acc`` (zeroed first), then S_MUL_FP by 1/D, S_ADD_FP eps, S_SQRT_FP,
+    S_RECI_FP. ``chunk(j)`` emits what addresses block j and returns its register."""
+    b.emit("S_ADD_FP", acc, F0, F0)
+    for j in range(nblocks):
+        a = chunk(j)
+        b.emit("V_MUL_VV", psq, a, a, 0)
+        b.emit("V_RED_SUM", acc, psq)
+    b.emit("S_MUL_FP", acc, acc, inv_d)
+    b.emit("S_ADD_FP", acc, acc, feps)
+    b.emit("S_SQRT_FP", acc, acc)
+    b.emit("S_RECI_FP", acc, acc)
+
+
 def rms_norm(b: ProgramBuilder, x: Activation, *, weight: Optional[Activation] = None,
              eps: float = 1e-6, out: Optional[VramMatrix] = None, scratch: Optional[VramRegion] = None,
              store: Optional[HbmTensor] = None, name: str = "rms_norm") -> VramMatrix:
@@ -447,15 +462,7 @@ def rms_norm(b: ProgramBuilder, x: Activation, *, weight: Optional[Activation] =
             as (psq, tx, to, tw):
         b.li(psq, sq.addr)
         with _rows_loop(b, x.rows, name, [x, out]) as (px, po):
-            b.emit("S_ADD_FP", acc, F0, F0)
-            for j in range(x.blocks):
-                a = _chunk(b, tx, px, x, j)
-                b.emit("V_MUL_VV", psq, a, a, 0)
-                b.emit("V_RED_SUM", acc, psq)
-            b.emit("S_MUL_FP", acc, acc, inv_d)
-            b.emit("S_ADD_FP", acc, acc, feps)
-            b.emit("S_SQRT_FP", acc, acc)
-            b.emit("S_RECI_FP", acc, acc)
+            _emit_inv_std(b, acc, psq, x.blocks, lambda j: _chunk(b, tx, px, x, j), inv_d, feps)
             for j in range(x.blocks):
                 a = _chunk(b, tx, px, x, j)
                 o = _chunk(b, to, po, out, j)
@@ -502,15 +509,7 @@ def layer_norm(b: ProgramBuilder, x: Activation, *, weight: Optional[Activation]
             for j in range(x.blocks):
                 a = _chunk(b, tx, px, x, j)
                 b.emit("V_SUB_VF", _chunk(b, to, po, out, j), a, mean, 0, 0)
-            b.emit("S_ADD_FP", acc, F0, F0)
-            for j in range(x.blocks):
-                o = _chunk(b, to, po, out, j)
-                b.emit("V_MUL_VV", psq, o, o, 0)
-                b.emit("V_RED_SUM", acc, psq)
-            b.emit("S_MUL_FP", acc, acc, inv_d)
-            b.emit("S_ADD_FP", acc, acc, feps)
-            b.emit("S_SQRT_FP", acc, acc)
-            b.emit("S_RECI_FP", acc, acc)
+            _emit_inv_std(b, acc, psq, x.blocks, lambda j: _chunk(b, to, po, out, j), inv_d, feps)
             for j in range(x.blocks):
                 o = _chunk(b, to, po, out, j)
                 b.emit("V_MUL_VF", o, o, acc, 0)
