@@ -184,30 +184,36 @@ def _batched_rows(geo, st, f):
     return bf16_bits_to_f32(vram_block(geo, st, st.gp[f.rs2] // U32(geo.cfg.vlen)))
 
 
-def m_bmm(geo, st, f):
-    """hm_acc[g] += 0.25 * X_g @ T[h0:h0+HLEN, :], X_g = interleaved head g (elements d*BA + g)."""
+def _batched(geo, st, f, decode, product):
+    """M_BMM / M_BTMM: hm_acc += 0.25 * product(X, tile, h0), X = the MLEN VRAM rows at gp[rs2]."""
     c = geo.cfg
-    tile, h0, em = _bmm_decode(geo, st.gp[f.rs1])
+    tile, h0, em = decode(geo, st.gp[f.rs1])
     err = first_err(em, _rows_ok(geo, st.gp[f.rs2]))
     e = no_effect(geo, st)
     if c.broadcast_amount * c.hlen != c.mlen:
         return e._replace(err=err)
-    m = lax.dynamic_slice_in_dim(tile_full(geo, st, tile), h0, c.hlen, axis=0)  # [HLEN, MLEN]
-    x = _batched_rows(geo, st, f).reshape(c.mlen, c.hlen, c.broadcast_amount).transpose(2, 0, 1)
-    return e._replace(hm_acc=st.hm_acc + BMM_SCALE * _mm(x, m), err=err)
+    x = _batched_rows(geo, st, f)
+    return e._replace(hm_acc=st.hm_acc + BMM_SCALE * product(c, x, tile_full(geo, st, tile), h0), err=err)
+
+
+def _bmm_product(c, x, tile, h0):
+    """X_g @ T[h0:h0+HLEN, :] with X_g the interleaved head g (elements d*BA + g)."""
+    m = lax.dynamic_slice_in_dim(tile, h0, c.hlen, axis=0)  # [HLEN, MLEN]
+    return _mm(x.reshape(c.mlen, c.hlen, c.broadcast_amount).transpose(2, 0, 1), m)
+
+
+def _btmm_product(c, x, tile, h0):
+    """X_g @ T[:, h0:h0+HLEN]^T with X_g the contiguous head g (elements g*HLEN + d)."""
+    k = lax.dynamic_slice_in_dim(tile, h0, c.hlen, axis=1)  # [MLEN, HLEN]
+    return _mm(x.reshape(c.mlen, c.broadcast_amount, c.hlen).transpose(1, 0, 2), k.T)
+
+
+def m_bmm(geo, st, f):
+    return _batched(geo, st, f, _bmm_decode, _bmm_product)
 
 
 def m_btmm(geo, st, f):
-    """hm_acc[g] += 0.25 * X_g @ T[:, h0:h0+HLEN]^T, X_g = contiguous head g (elements g*HLEN + d)."""
-    c = geo.cfg
-    tile, h0, em = _btmm_decode(geo, st.gp[f.rs1])
-    err = first_err(em, _rows_ok(geo, st.gp[f.rs2]))
-    e = no_effect(geo, st)
-    if c.broadcast_amount * c.hlen != c.mlen:
-        return e._replace(err=err)
-    k = lax.dynamic_slice_in_dim(tile_full(geo, st, tile), h0, c.hlen, axis=1)  # [MLEN, HLEN]
-    x = _batched_rows(geo, st, f).reshape(c.mlen, c.broadcast_amount, c.hlen).transpose(1, 0, 2)
-    return e._replace(hm_acc=st.hm_acc + BMM_SCALE * _mm(x, k.T), err=err)
+    return _batched(geo, st, f, _btmm_decode, _btmm_product)
 
 
 def m_btmv(geo, st, f):
