@@ -154,11 +154,13 @@ def _print_stats(result, program) -> None:
     from rich.table import Table
 
     con = Console(stderr=False)
-    con.print(f"[bold]{program}[/]: {result.instructions} instructions executed, "
-              f"{result.cycles} non-HBM cycles, HBM {result.hbm_bytes_read} B read / "
-              f"{result.hbm_bytes_written} B written")
-    con.print(f"wall time: load {result.load_s:.3f} s, compile {result.compile_s:.3f} s, "
-              f"run {result.run_s:.3f} s ({result.instr_per_s / 1e6:.3f} M instr/s)")
+    # Plain print for the summary lines: rich would wrap them at the terminal width, and scripts
+    # grep them (e.g. "91 instructions executed").
+    print(f"{program}: {result.instructions} instructions executed, "
+          f"{result.cycles} non-HBM cycles, HBM {result.hbm_bytes_read} B read / "
+          f"{result.hbm_bytes_written} B written")
+    print(f"wall time: load {result.load_s:.3f} s, compile {result.compile_s:.3f} s, "
+          f"run {result.run_s:.3f} s ({result.instr_per_s / 1e6:.3f} M instr/s)")
     table = Table("opcode", "count", title="dynamic instruction counts")
     for name, count in sorted(result.opcode_counts.items(), key=lambda kv: -kv[1]):
         table.add_row(name, str(count))

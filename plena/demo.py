@@ -110,7 +110,7 @@ def _print_table(r: dict) -> None:
         t.add_row(s["name"], "x".join(map(str, s["shape"])), f"{s['bit_exact_pct']:.2f} %",
                   f"{s['rel_l2_fp32']:.4f}", f"{s['max_abs_fp32']:.4g}")
     con.print(t)
-    con.print(f"compile {r['compile_s']:.2f} s, emulate {r['emulate_s']:.2f} s (of which JIT "
+    print(f"compile {r['compile_s']:.2f} s, emulate {r['emulate_s']:.2f} s (of which JIT "
               f"{r['emulator_compile_s']:.2f} s), golden hardware {r['golden_hw_s']:.2f} s, golden fp32 "
               f"{r['golden_fp32_s']:.2f} s; {r['static_instructions']} program words, {r['instructions']} "
               f"executed instructions, {r['cycles']} non-HBM cycles")
