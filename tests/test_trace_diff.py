@@ -376,9 +376,9 @@ def test_stage_profile_matches_builder_counts_and_sums_to_totals():
 
 def check_chunked(words, kw, first_chunk):
     seen = []
-    res = run_with_progress(words, CFG, **kw, first_chunk=first_chunk, target_s=0.0,
+    res = run_with_progress(words, CFG, **kw, first_chunk=first_chunk, target_s=0.0, executor="interpreter",
                             progress=lambda done, total: seen.append((done, total)))
-    plain = run(words, CFG, **kw)
+    plain = run(words, CFG, **kw, executor="interpreter")
     chex.assert_trees_all_equal(res.state, plain.state)
     assert (res.instructions, res.cycles, res.opcode_counts) == (plain.instructions, plain.cycles,
                                                                  plain.opcode_counts)
@@ -391,6 +391,18 @@ def check_chunked(words, kw, first_chunk):
 def test_chunked_progress_run_equals_unchunked():
     prog = staged_program()
     check_chunked(prog.words, prog_inputs(prog), first_chunk=3)
+
+
+def test_fast_executor_reports_progress_and_equals_the_interpreter():
+    _, words, kw = case_inputs("aten_linear")
+    seen = []
+    res = run_with_progress(words, CFG, **kw, progress=lambda done, total: seen.append((done, total)))
+    plain = run(words, CFG, **kw, executor="interpreter")
+    assert res.executor == "fast"
+    chex.assert_trees_all_equal(res.state, plain.state)
+    done = [d for d, _ in seen]
+    assert seen[0] == (0, plain.instructions) and seen[-1] == (plain.instructions, plain.instructions)
+    assert done == sorted(done)
 
 
 def test_chunked_progress_run_equals_unchunked_conformance():

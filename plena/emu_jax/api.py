@@ -20,6 +20,7 @@ import numpy as np
 
 from plena.config import PlenaConfig, default_config
 from plena.emu_jax import cycles as cycle_model
+from plena.emu_jax import fast
 from plena.emu_jax.cache import enable_compilation_cache
 from plena.emu_jax.effects import Fields
 from plena.emu_jax.errors import DecodeError, Err, LoadError, PlenaError, raise_for
@@ -88,6 +89,7 @@ class RunResult:
     load_s: float
     compile_s: float
     run_s: float
+    executor: str = "interpreter"  # which executor ran the program
 
     def vram_bits(self) -> np.ndarray:
         """VRAM window as flat bf16 bits (rows past the window are all zero)."""
@@ -162,10 +164,37 @@ def finish(prog: DecodedProgram, final: MachineState, cfg: PlenaConfig):
     return opcode_counts, cycle_model.non_hbm_cycles(counts, int(final.topk_experts), cfg)
 
 
+EXECUTORS = ("auto", "fast", "interpreter")
+
+
+def fast_eligible(plan: Plan, max_steps: int | None) -> bool:
+    """Whether the specialising executor can run a program (else the interpreter does)."""
+    return (max_steps is None and plan.structured and plan.exact and plan.static_error is None
+            and plan.counts is not None)
+
+
+def compiled_interpreter(geo: Geometry, fields: Fields, st: MachineState, n, limit):
+    compiled = _COMPILED.get(geo)
+    if compiled is None:
+        compiled = _COMPILED[geo] = run_program.lower(geo, fields, st, n, limit).compile()
+    return compiled
+
+
 def run(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsram=None, intsram=None, vram=None,
-        hbm_size: int | None = None, max_steps: int | None = None) -> RunResult:
+        hbm_size: int | None = None, max_steps: int | None = None, executor: str = "auto",
+        progress=None, fast_options: dict | None = None) -> RunResult:
     """Run a program (words, a DecodedProgram) with preloads already in machine formats:
-    hbm bytes, fpsram bf16 bits (u16), intsram u32, vram bf16 bits (u16 elements)."""
+    hbm bytes, fpsram bf16 bits (u16), intsram u32, vram bf16 bits (u16 elements).
+
+    ``executor``: "interpreter" (the reference interpreter), "fast" or "auto" (the
+    specialising executor, :mod:`plena.emu_jax.fast`, whenever the program is well-formed and
+    no ``max_steps`` is given; otherwise the interpreter). Both give the identical final state.
+    ``progress(done, total)`` is called during a fast run (see
+    :func:`plena.emu_jax.profile.run_with_progress` for the interpreter). ``fast_options``:
+    keyword arguments of :func:`plena.emu_jax.fast.schedule` (``hot``, ``max_block``).
+    """
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, not {executor!r}")
     t0 = time.perf_counter()
     enable_compilation_cache()
     cfg = cfg or default_config()
@@ -178,20 +207,28 @@ def run(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsram=None, intsr
     st = init_state(geo, hbm_capacity=inp.capacity, hbm=inp.hbm, fpsram=inp.fpsram, intsram=inp.intsram,
                     vram=inp.vram)
     fields, n, limit = program_fields(prog, geo), jnp.int32(len(prog)), step_limit(max_steps)
+    ex = None
+    if executor != "interpreter" and fast_eligible(plan, max_steps):
+        ex = fast.prepare(prog, geo, st, **(fast_options or {}))
     t1 = time.perf_counter()
-    compiled = _COMPILED.get(geo)
-    if compiled is None:
-        compiled = _COMPILED[geo] = run_program.lower(geo, fields, st, n, limit).compile()
+    needs_interpreter = ex is None or any(isinstance(s, fast.Interp) for s in ex.steps)
+    compiled = compiled_interpreter(geo, fields, st, n, limit) if needs_interpreter else None
     t2 = time.perf_counter()
-    final = compiled(fields, st, n, limit)
+    if ex is None:
+        final = compiled(fields, st, n, limit)
+    else:
+        final = fast.execute(ex, compiled, fields, st, progress=progress, total=plan.dynamic_instructions)
     jax.block_until_ready(final)
     t3 = time.perf_counter()
+    if ex is not None:
+        final = fast.finish_state(final, plan, len(prog))
+        t1 -= ex.compile_s  # block compilation is compile time, not load time
     opcode_counts, cycles = finish(prog, final, cfg)
     return RunResult(
         cfg=cfg, geometry=geo, state=final, plan=plan, instructions=int(final.steps),
         opcode_counts=opcode_counts, cycles=cycles,
         hbm_bytes_read=64 * int(final.hbm_rd_blocks), hbm_bytes_written=64 * int(final.hbm_wr_blocks),
-        load_s=t1 - t0, compile_s=t2 - t1, run_s=t3 - t2)
+        load_s=t1 - t0, compile_s=t2 - t1, run_s=t3 - t2, executor="interpreter" if ex is None else "fast")
 
 
 __all__ = ["run", "load_program", "RunResult", "PlenaError"]

@@ -268,12 +268,28 @@ ProgressFn = Callable[[int, Optional[int]], None]
 def run_with_progress(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsram=None, intsram=None,
                       vram=None, hbm_size: int | None = None, max_steps: int | None = None,
                       progress: ProgressFn | None = None, first_chunk: int = 4096,
-                      target_s: float = 0.25) -> api.RunResult:
+                      target_s: float = 0.25, executor: str = "auto") -> api.RunResult:
     """:func:`api.run` in chunks of instructions, calling ``progress(done, total)`` between
     chunks (``total``: the pre-pass's dynamic instruction count, None when unknown). Same
     arguments, result, final state and errors as ``api.run``. Chunks start at ``first_chunk``
-    instructions and adapt (never below that) towards ``target_s`` seconds each."""
+    instructions and adapt (never below that) towards ``target_s`` seconds each.
+
+    With ``executor`` "auto" or "fast", a program the specialising executor can run is run by
+    it (:func:`api.run` with ``progress``), which reports between its steps instead."""
     from plena.emu_jax.trace import prepare, result_of
+
+    if executor != "interpreter" and max_steps is None:
+        prog = program if isinstance(program, api.DecodedProgram) else api.load_program(program)
+        plan = api.plan_program(prog, cfg or api.default_config(), None if intsram is None else
+                                np.asarray(intsram, np.uint32).reshape(-1))
+        if api.fast_eligible(plan, max_steps):
+            if progress is not None:
+                progress(0, plan.dynamic_instructions)
+            res = api.run(prog, cfg, hbm=hbm, fpsram=fpsram, intsram=intsram, vram=vram, hbm_size=hbm_size,
+                          executor=executor, progress=progress)
+            if progress is not None:
+                progress(res.instructions, plan.dynamic_instructions)
+            return res
 
     p = prepare(program, cfg, hbm=hbm, fpsram=fpsram, intsram=intsram, vram=vram, hbm_size=hbm_size,
                 max_steps=max_steps)

@@ -1,0 +1,253 @@
+"""The static structure of a program: its loop tree, and repeated code folded into tables.
+
+PLENA control flow is almost static: the only jumps are hardware loops whose trip counts are
+immediates. :func:`parse` turns a well-formed program into a tree of :class:`Instr` and
+:class:`Loop` items; :func:`reroll` then folds runs of items that repeat with only their
+immediates (and program counters) changed into :class:`Repeat` items, so a long
+straight-line program becomes a short list of bodies plus tables of operands.
+
+Every item has a *signature* (what code the fast executor emits for it: opcodes and register
+fields, never immediates) and an *operand vector* (the immediates and pcs it needs at run
+time). Items with the same signature share emitted code; their operand vectors differ.
+
+A program is *well-formed* (and :func:`parse` returns a tree) when its loops nest properly
+(each C_LOOP_END names the innermost open loop's register), no loop body writes its own
+counter register, no trip count is 0 and there is no C_BREAK. Anything else is left to the
+reference interpreter, which implements the reference's exact behaviour for such programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Union
+
+import numpy as np
+
+from plena.isa.encoding import DecodedProgram
+from plena.isa.opcodes import BY_MNEMONIC, OPCODES, Role
+
+_OP = {m: s.code for m, s in BY_MNEMONIC.items()}
+LOOP_START, LOOP_END, BREAK = _OP["C_LOOP_START"], _OP["C_LOOP_END"], _OP["C_BREAK"]
+#: opcodes that write gp[rd]
+GP_WRITERS = frozenset(_OP[m] for m in ("S_ADD_INT", "S_ADDI_INT", "S_SUB_INT", "S_MUL_INT", "S_LUI_INT",
+                                        "S_LD_INT", "C_LOOP_START"))
+#: operands per instruction: pc, imm18, imm22
+INSTR_OPERANDS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Instr:
+    pc: int
+    sig: int  # interned signature id
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    start: int  # pc of C_LOOP_START
+    end: int  # pc of C_LOOP_END
+    reg: int
+    count: int  # the trip count (C_LOOP_START's immediate)
+    body: tuple
+    sig: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Repeat:
+    """``times`` consecutive copies of ``body`` (same signatures, other operands)."""
+
+    times: int
+    body: tuple  # the first copy
+    copies: tuple  # all copies (tuples of items), for operands
+    sig: int
+
+
+Item = Union[Instr, Loop, Repeat]
+
+
+class Signatures:
+    """Interns item signatures (nested tuples) to small integers."""
+
+    def __init__(self):
+        self.ids: dict = {}
+        self.keys: list = []
+
+    def __call__(self, key) -> int:
+        i = self.ids.get(key)
+        if i is None:
+            i = self.ids[key] = len(self.keys)
+            self.keys.append(key)
+        return i
+
+
+REG_FIELDS = ("rd", "rs1", "rs2", "rs3", "funct1")
+
+
+def instr_key(prog: DecodedProgram, pc: int) -> tuple:
+    """("I", opcode, rd, rs1, rs2, rs3, funct1) with the fields the opcode does not read (per
+    the opcode table) set to 0: bits of an immediate that overlap them must not split code."""
+    op = int(prog.opcode[pc])
+    spec = OPCODES.get(op)
+    vals = []
+    for name in REG_FIELDS:
+        used = spec is None or getattr(spec, name) is not Role.IGNORED
+        vals.append(int(getattr(prog, name)[pc]) if used else 0)
+    return ("I", op, *vals)
+
+
+class Malformed(Exception):
+    """The program is outside the well-formed subset (see the module docstring)."""
+
+
+def parse(prog: DecodedProgram, sigs: Signatures | None = None) -> tuple[list, Signatures]:
+    """The loop tree of a well-formed program; raises :class:`Malformed` otherwise."""
+    sigs = sigs or Signatures()
+    ops, rds, imm22 = prog.opcode.tolist(), prog.rd.tolist(), prog.imm22.tolist()
+    stack: list = [(None, [])]  # (open loop: (start, reg), items)
+    for pc, op in enumerate(ops):
+        if op == LOOP_START:
+            if imm22[pc] == 0:
+                raise Malformed(f"pc {pc}: loop count 0")
+            stack.append(((pc, rds[pc]), []))
+        elif op == LOOP_END:
+            head, body = stack[-1]
+            if head is None or head[1] != rds[pc]:
+                raise Malformed(f"pc {pc}: C_LOOP_END does not close the innermost loop")
+            stack.pop()
+            start, reg = head
+            if any(_writes_gp(prog, it, reg) for it in body):
+                raise Malformed(f"pc {start}: loop body writes its counter gp{reg}")
+            body = tuple(body)
+            sig = sigs(("L", reg, tuple(it.sig for it in body)))
+            stack[-1][1].append(Loop(start, pc, reg, imm22[start], body, sig))
+        elif op == BREAK:
+            raise Malformed(f"pc {pc}: C_BREAK")
+        else:
+            stack[-1][1].append(Instr(pc, sigs(instr_key(prog, pc))))
+    if len(stack) != 1:
+        raise Malformed(f"pc {stack[-1][0][0]}: loop never closed")
+    return stack[0][1], sigs
+
+
+def _writes_gp(prog: DecodedProgram, item: Item, reg: int) -> bool:
+    if isinstance(item, Instr):
+        return int(prog.opcode[item.pc]) in GP_WRITERS and int(prog.rd[item.pc]) == reg
+    if isinstance(item, Loop):
+        return item.reg == reg or any(_writes_gp(prog, it, reg) for it in item.body)
+    return any(_writes_gp(prog, it, reg) for it in item.body)
+
+
+# ------------------------------------------------------------------------------------------
+# folding repeated code
+def _runs(ids: np.ndarray, period: int) -> np.ndarray:
+    """r[i] = how many consecutive j >= i have ids[j] == ids[j + period]."""
+    n = len(ids)
+    eq = np.zeros(n + 1, np.int64)
+    if period < n:
+        eq[: n - period] = ids[: n - period] == ids[period:]
+    # run length of trues from each position: reverse cumulative count reset at falses
+    out = np.zeros(n + 1, np.int64)
+    idx = np.nonzero(eq[:n] == 0)[0]
+    # next false position at or after i
+    nxt = np.full(n + 1, n, np.int64)
+    nxt[idx] = idx
+    nxt = np.minimum.accumulate(nxt[::-1])[::-1]
+    out[:n] = nxt[:n] - np.arange(n)
+    return out[:n]
+
+
+def reroll_level(items: list, sigs: Signatures, *, max_period: int = 256, budget: int = 1 << 24) -> list:
+    """One pass of folding at one level: greedy, left to right, taking at each position the
+    repetition that covers the most items (the shortest period among equals)."""
+    n = len(items)
+    if n < 2:
+        return list(items)
+    ids = np.array([it.sig for it in items], np.int64)
+    pmax = max(1, min(max_period, n // 2, budget // max(n, 1)))
+    runs = [_runs(ids, p) for p in range(1, pmax + 1)]
+    out, i = [], 0
+    while i < n:
+        best_p, best_cover = 0, 1
+        for p in range(1, pmax + 1):
+            if i + 2 * p > n:
+                break
+            k = 1 + runs[p - 1][i] // p
+            if k >= 2 and k * p > best_cover:
+                best_p, best_cover = p, k * p
+        if best_p == 0:
+            out.append(items[i])
+            i += 1
+            continue
+        k = best_cover // best_p
+        copies = tuple(tuple(items[i + j * best_p: i + (j + 1) * best_p]) for j in range(k))
+        body = copies[0]
+        sig = sigs(("R", k, tuple(it.sig for it in body)))
+        out.append(Repeat(k, body, copies, sig))
+        i += k * best_p
+    return out
+
+
+def reroll(items: list, sigs: Signatures, *, passes: int = 4) -> list:
+    """Fold repeated code at every level of the tree (loop bodies included), repeatedly, so
+    repeats of repeats (e.g. decoder layers made of repeated tiles) fold too."""
+    items = [_reroll_inside(it, sigs, passes) for it in items]
+    for _ in range(passes):
+        new = reroll_level(items, sigs)
+        if len(new) == len(items):
+            break
+        items = new
+    return items
+
+
+def _reroll_inside(item: Item, sigs: Signatures, passes: int) -> Item:
+    if isinstance(item, Loop):
+        body = tuple(reroll(list(item.body), sigs, passes=passes))
+        sig = sigs(("L", item.reg, tuple(it.sig for it in body)))
+        return dataclasses.replace(item, body=body, sig=sig)
+    return item
+
+
+# ------------------------------------------------------------------------------------------
+# operands
+def operands(item: Item, prog: DecodedProgram) -> list:
+    """The run-time operands of an item, in emission order (see :func:`operand_count`)."""
+    if isinstance(item, Instr):
+        return [item.pc, int(prog.imm18[item.pc]), int(prog.imm22[item.pc])]
+    if isinstance(item, Loop):
+        out = [item.start, item.count, item.end]
+        for it in item.body:
+            out += operands(it, prog)
+        return out
+    out = []
+    for copy in item.copies:
+        for it in copy:
+            out += operands(it, prog)
+    return out
+
+
+def operand_count(item: Item) -> int:
+    if isinstance(item, Instr):
+        return INSTR_OPERANDS
+    if isinstance(item, Loop):
+        return 3 + sum(operand_count(it) for it in item.body)
+    return item.times * sum(operand_count(it) for it in item.body)
+
+
+def signature_tree(items: list, sigs: Signatures) -> tuple:
+    """A hashable description of the emitted code (cache key of a compiled program)."""
+    return tuple(sigs.keys[it.sig] if isinstance(it, Instr) else _sig_tree(it, sigs) for it in items)
+
+
+def _sig_tree(item: Item, sigs: Signatures):
+    if isinstance(item, Instr):
+        return sigs.keys[item.sig]
+    if isinstance(item, Loop):
+        return ("L", item.reg, tuple(_sig_tree(it, sigs) for it in item.body))
+    return ("R", item.times, tuple(_sig_tree(it, sigs) for it in item.body))
+
+
+def count_items(items) -> int:
+    """Items the executor emits code for (its compile-size measure)."""
+    n = 0
+    for it in items:
+        n += 1 if isinstance(it, Instr) else 1 + count_items(it.body)
+    return n

@@ -1,0 +1,222 @@
+"""The specialising executor (plena.emu_jax.fast) against the reference interpreter: identical
+final state (every field, bit for bit) or the identical error, on conformance programs and on
+hypothesis-generated programs with loops, masks, MX transfers and matrix ops."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from asm_helpers import li, prog
+from conftest import CONFORMANCE
+from plena.config import default_config
+from plena.emu_jax import api, fast, structure
+from plena.emu_jax.errors import PlenaError
+from plena.emu_jax.plan import plan_program
+from plena.isa.memfile import read_mem
+
+CFG = default_config()
+
+
+def _bits(x):
+    return np.asarray(x).tobytes()
+
+
+def run_both(words, cfg=CFG, fast_options=None, **inputs):
+    """(interpreter result or error, fast result or error)."""
+    out = []
+    for ex in ("interpreter", "fast"):
+        try:
+            out.append(api.run(words, cfg, executor=ex, fast_options=fast_options, **inputs))
+        except PlenaError as e:
+            out.append(e)
+    return out
+
+
+def assert_same(a, b):
+    if isinstance(a, PlenaError) or isinstance(b, PlenaError):
+        assert type(a) is type(b) and str(a) == str(b), (a, b)
+        return
+    assert b.executor == "fast"
+    diff = [k for k in a.state._fields if _bits(getattr(a.state, k)) != _bits(getattr(b.state, k))]
+    assert not diff, f"fields differ: {diff}"
+    assert (a.instructions, a.cycles, a.opcode_counts) == (b.instructions, b.cycles, b.opcode_counts)
+
+
+# ------------------------------------------------------------------------------------------
+# structure: parse / fold / schedule
+def test_parse_rejects_what_only_the_interpreter_handles():
+    from plena.emu_jax.api import load_program
+
+    for src in ("C_LOOP_START gp1, 2\nC_BREAK\nC_LOOP_END gp1",  # C_BREAK
+                "C_LOOP_START gp1, 2\nS_ADDI_INT gp1, gp1, 1\nC_LOOP_END gp1",  # body writes its counter
+                "C_LOOP_START gp1, 2\nC_LOOP_START gp2, 2\nC_LOOP_END gp1\nC_LOOP_END gp2",  # crossed
+                "C_LOOP_START gp1, 0\nC_LOOP_END gp1",  # count 0
+                "C_LOOP_START gp1, 2\nS_ADDI_INT gp2, gp2, 1"):  # never closed
+        with pytest.raises(structure.Malformed):
+            structure.parse(load_program(prog(src)))
+        assert not api.fast_eligible(plan_program(load_program(prog(src)), CFG), None)
+
+
+def test_reroll_folds_repeats_that_differ_only_in_immediates():
+    from plena.emu_jax.api import load_program
+
+    body = "\n".join(f"S_ADDI_INT gp1, gp0, {64 * k}\nV_ADD_VV gp2, gp1, gp1, 0" for k in range(10))
+    p = load_program(prog(body))
+    items, sigs = structure.parse(p)
+    folded = structure.reroll(items, sigs)
+    assert len(folded) == 1 and isinstance(folded[0], structure.Repeat) and folded[0].times == 10
+    ops = structure.operands(folded[0], p)
+    assert ops[1::3][::2] == [64 * k for k in range(10)]  # the S_ADDI immediates, as operands
+    # the same code at other addresses has the same signature tree (shares compiled code)
+    other = load_program(prog(body.replace("64 *", "128 *").replace(", 64", ", 128")))
+    items2, sigs2 = structure.parse(other)
+    assert structure.signature_tree(structure.reroll(items2, sigs2), sigs2) == structure.signature_tree(folded, sigs)
+
+
+def test_structured_plan_equals_linear_walk_and_skips_iterations():
+    from plena.emu_jax.api import load_program
+
+    src = [li(1, 0), li(2, 4096), "C_LOOP_START gp3, 50", "C_LOOP_START gp4, 7", "S_ADDI_INT gp1, gp1, 64",
+           "V_ADD_VV gp1, gp1, gp1, 0", "S_ADD_INT gp5, gp2, gp1", "C_LOOP_END gp4", "S_ADDI_INT gp2, gp2, 8",
+           "C_LOOP_END gp3"]
+    p = load_program(prog(src))
+    a = plan_program(p, CFG)
+    b = plan_program(p, CFG, structured=False)
+    assert a.structured and not b.structured
+    assert (a.dynamic_instructions, a.vram_rows, a.loop_depth, a.counts, a.skipped) == \
+        (b.dynamic_instructions, b.vram_rows, b.loop_depth, b.counts, b.skipped)
+    assert a.vram_rows == 50 * 7 + 1
+
+
+# ------------------------------------------------------------------------------------------
+# conformance programs
+CASES = ["aten_linear", "aten_flash_attention_gqa", "moe_combine", "de_h_store", "de_bmm"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_conformance_program_identical_to_interpreter(name):
+    if not CONFORMANCE.is_dir():
+        pytest.skip("../shared/conformance is absent")
+    from plena.verify.conformance import load_case
+
+    case = load_case(CONFORMANCE / name)
+    from plena.config import load_config
+
+    cfg = load_config(case.settings_toml)
+    ints = None
+    if case.int_sram_bin is not None and case.int_sram_bin.exists():
+        ints = np.fromfile(case.int_sram_bin, np.uint32)
+    a, b = run_both(read_mem(case.program_mem), cfg, hbm=np.fromfile(case.hbm_bin, np.uint8),
+                    fpsram=np.fromfile(case.fp_sram_bin, np.uint16), intsram=ints, hbm_size=case.hbm_size,
+                    fast_options=dict(hot=4))
+    assert_same(a, b)
+
+
+# ------------------------------------------------------------------------------------------
+# random programs
+VREGS = (1, 2, 3)  # VRAM row addresses (multiples of VLEN)
+MREG = 4  # MRAM tile address
+OREG = 5  # HBM offset
+FREGS = (1, 2, 3)
+
+
+def _instr(draw):
+    v = lambda: draw(st.sampled_from(VREGS))  # noqa: E731
+    f = lambda: draw(st.sampled_from(FREGS))  # noqa: E731
+    mask = draw(st.sampled_from([0, 0, 1]))
+    kind = draw(st.integers(0, 15))
+    return [
+        lambda: f"S_ADDI_INT gp{v()}, gp{v()}, {64 * draw(st.integers(0, 3))}",
+        lambda: f"V_ADD_VV gp{v()}, gp{v()}, gp{v()}, {mask}",
+        lambda: f"V_MUL_VF gp{v()}, gp{v()}, f{f()}, {mask}",
+        lambda: f"V_SUB_VF gp{v()}, gp{v()}, f{f()}, {mask}, {draw(st.integers(0, 1))}",
+        lambda: f"V_EXP_V gp{v()}, gp{v()}, {mask}",
+        lambda: f"V_RED_SUM f{f()}, gp{v()}",
+        lambda: f"V_RED_MAX f{f()}, gp{v()}, 0",
+        lambda: f"S_ADD_FP f{f()}, f{f()}, f{f()}",
+        lambda: f"S_MUL_FP f{f()}, f{f()}, f{f()}",
+        lambda: f"S_RECI_FP f{f()}, f{f()}",
+        lambda: f"S_ST_FP f{f()}, gp0, {draw(st.integers(0, 40))}",
+        lambda: f"S_LD_FP f{f()}, gp0, {draw(st.integers(0, 40))}",
+        lambda: f"M_MM 0, gp{MREG}, gp{v()}",
+        lambda: f"M_MM_WO gp{v()}, gp0, 0",
+        lambda: f"H_PREFETCH_V gp{v()}, gp{OREG}, a0, 1, 0",
+        lambda: f"H_STORE_V gp{v()}, gp{OREG}, a0, 1, 0",
+    ][kind]()
+
+
+@st.composite
+def programs(draw):
+    lines = [li(1, 0), li(2, 64), li(3, 128), li(MREG, 0), li(OREG, 0), li(6, 1 << 16),
+             "C_SET_ADDR_REG a0, gp0, gp6", li(7, 0b0101), "C_SET_V_MASK_REG gp7",
+             li(7, 4096), "C_SET_SCALE_REG gp7", li(7, 64), "C_SET_STRIDE_REG gp7",
+             "S_LD_FP f1, gp0, 1", "S_LD_FP f2, gp0, 2", "S_LD_FP f3, gp0, 3",
+             f"H_PREFETCH_M gp{MREG}, gp{OREG}, a0, 1, 0"]
+    loop_regs = iter((8, 9, 10, 11, 12, 13))
+
+    def block(depth):
+        out = []
+        for _ in range(draw(st.integers(1, 4))):
+            if depth < 2 and draw(st.integers(0, 3)) == 0:
+                reg = next(loop_regs, None)
+                if reg is None:
+                    continue
+                body = block(depth + 1)
+                step = [f"S_ADDI_INT gp{r}, gp{r}, 64" for r in draw(st.lists(st.sampled_from(VREGS), max_size=2))]
+                out += [f"C_LOOP_START gp{reg}, {draw(st.integers(1, 6))}", *body, *step, f"C_LOOP_END gp{reg}"]
+            else:
+                out.append(_instr(draw))
+        return out
+
+    return lines + block(0)
+
+
+def _inputs(seed):
+    rng = np.random.default_rng(seed)
+    hbm = rng.integers(0, 256, 1 << 17, dtype=np.uint8)
+    hbm[1 << 16:] = rng.integers(0x30, 0x48, (1 << 17) - (1 << 16), dtype=np.uint8)  # modest E4M3 values
+    fps = (rng.standard_normal(64).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    vram = (rng.standard_normal(64 * 64).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    return dict(hbm=hbm, fpsram=fps, vram=vram, hbm_size=1 << 20)
+
+
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(programs(), st.integers(0, 2**16))
+def test_random_programs_identical_to_interpreter(src, seed):
+    words = prog(src)
+    a, b = run_both(words, fast_options=dict(hot=1), **_inputs(seed))
+    assert_same(a, b)
+
+
+def test_error_inside_a_compiled_loop_reports_the_interpreters_pc():
+    src = [li(1, 0), "C_LOOP_START gp2, 5", "V_ADD_VV gp1, gp1, gp1, 0", "S_ADDI_INT gp1, gp1, 96",
+           "C_LOOP_END gp2"]  # the second iteration's address is not a multiple of VLEN
+    a, b = run_both(prog(src), fast_options=dict(hot=1))
+    assert isinstance(a, PlenaError) and str(a) == str(b)
+    assert a.pc == 2
+
+
+def test_blocks_never_copy_a_whole_memory():
+    """The compiled HLO of a block has no copy of VRAM, MRAM or HBM (an in-place update only)."""
+    import re
+
+    from plena.emu_jax.api import geometry_for, load_program
+    from plena.emu_jax.state import init_state
+
+    src = [li(1, 0), li(2, 0), li(3, 1 << 16), "C_SET_ADDR_REG a0, gp0, gp3", li(4, 4096), "C_SET_SCALE_REG gp4",
+           "C_LOOP_START gp5, 8", "H_PREFETCH_V gp1, gp2, a0, 1, 0", "V_RED_SUM f1, gp1", "V_MUL_VF gp1, gp1, f1, 0",
+           "V_EXP_V gp1, gp1, 0", "M_MM 0, gp0, gp1", "M_MM_WO gp1, gp0, 0", "H_STORE_V gp1, gp2, a0, 1, 0",
+           "H_PREFETCH_M gp0, gp2, a0, 1, 0", "S_ADDI_INT gp1, gp1, 64", "S_ADDI_INT gp2, gp2, 64",
+           "C_LOOP_END gp5"]
+    p = load_program(prog(src))
+    plan = plan_program(p, CFG)
+    geo = geometry_for(p, CFG, plan, hbm_len=0, vram_len=0, hbm_capacity=1 << 20)
+    ex = fast.prepare(p, geo, init_state(geo, hbm_capacity=1 << 20), hot=1)
+    blocks = [s for s in ex.steps if isinstance(s, fast.Block)]
+    assert len(blocks) == 1
+    hlo = ex.compiled[blocks[0].sig].as_text()
+    big = {f"u16[{geo.vram_rows + 1},{CFG.vlen}]", f"f32[{geo.mram_tiles + 1},{CFG.mlen},{CFG.mlen}]",
+           f"u8[{geo.hbm_bytes + geo.hbm_pad}]"}
+    copies = [ln for ln in hlo.splitlines() if re.search(r"\bcopy\(", ln) and any(b in ln.split("=")[1][:40] for b in big)]
+    assert not copies, copies[:3]
