@@ -40,7 +40,7 @@ import numpy as np
 from jax import lax
 
 from plena.emu_jax import dispatch, structure
-from plena.emu_jax.effects import Fields
+from plena.emu_jax.effects import Fields, no_effect
 from plena.emu_jax.errors import Err
 from plena.emu_jax.state import Geometry, MachineState
 from plena.isa.encoding import DecodedProgram
@@ -95,6 +95,28 @@ def _commit(geo: Geometry, name: str, st: MachineState, eff, pc) -> MachineState
     return st._replace(**upd)
 
 
+#: multi-row instructions whose rows are independent: no row reads what another writes, and
+#: they change no register. Their rows are computed together (one vectorised MX decode /
+#: encode) and then written in row order, exactly as the interpreter's micro-steps would.
+ROW_PARALLEL = frozenset({"H_PREFETCH_M", "H_PREFETCH_V", "H_STORE_V"})
+_ROW_FIELDS = ("vram_row", "vram_data", "mram_tile", "mram_row", "mram_data", "hbm_e_idx", "hbm_e_data",
+               "hbm_s_idx", "hbm_s_data", "hbm_rd", "hbm_wr", "err")
+
+
+def _rows_at_once(geo: Geometry, name: str, fn, f: Fields, pc, st: MachineState, nsub: int) -> MachineState:
+    def row(i):
+        eff = fn(geo, st._replace(pc=pc, sub=i), f)
+        return {k: getattr(eff, k) for k in _ROW_FIELDS}
+
+    rows = jax.vmap(row)(jnp.arange(nsub, dtype=jnp.int32))
+    base = no_effect(geo, st)
+
+    def commit(i, s):
+        return _commit(geo, name, s, base._replace(**{k: v[i] for k, v in rows.items()}), pc)
+
+    return lax.fori_loop(0, nsub, commit, st)
+
+
 def _instr(geo: Geometry, key: tuple, o, st: MachineState) -> MachineState:
     """Emit one instruction: key = ("I", opcode, rd, rs1, rs2, rs3, funct1); o = [pc, imm18, imm22]."""
     _, op, rd, rs1, rs2, rs3, funct1 = key
@@ -119,6 +141,8 @@ def _instr(geo: Geometry, key: tuple, o, st: MachineState) -> MachineState:
     if nsub <= UNROLL_MICRO:
         for sub in range(nsub):
             st = micro(sub, st)
+    elif spec.mnemonic in ROW_PARALLEL:
+        st = _rows_at_once(geo, spec.mnemonic, fn, f, pc, st, nsub)
     else:
         st = lax.fori_loop(0, nsub, micro, st)
     # Materialise the instruction's results before the next one starts: otherwise XLA may

@@ -179,6 +179,10 @@ def reroll_level(items: list, sigs: Signatures, *, max_period: int = 256, budget
             continue
         k = best_cover // best_p
         copies = tuple(tuple(items[i + j * best_p: i + (j + 1) * best_p]) for j in range(k))
+        if best_p > 1:  # fold inside the body too (every copy the same way: same signatures)
+            folded = tuple(tuple(reroll(list(c), sigs)) for c in copies)
+            if len({tuple(it.sig for it in c) for c in folded}) == 1:
+                copies = folded
         body = copies[0]
         sig = sigs(("R", k, tuple(it.sig for it in body)))
         out.append(Repeat(k, body, copies, sig))
