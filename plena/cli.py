@@ -233,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_arguments(m)
     m.set_defaults(func=lambda args: __import__("plena.demo", fromlist=["main"]).main(args=args))
 
+    cp = sub.add_parser("compare", help="per-stage errors of two dump folders (VRAM tensors of a tensors.json) "
+                        "or of the emulator vs the golden (--golden); --png DIR writes error bar charts and a "
+                        "heat map of the first divergent tensor")
+    from plena.verify.plots import add_arguments as _compare_args
+    _compare_args(cp)
+    cp.set_defaults(func=_cmd_compare)
+
     c = sub.add_parser("compile", help="compile a Llama-family decoder (seeded random weights) into the "
                        "upstream files (program.mem, hbm.bin, ...) plus run.sh")
     c.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "clm-60m"])
@@ -243,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder")
     c.set_defaults(func=_cmd_compile)
     return p
+
+
+def _cmd_compare(args) -> int:
+    from plena.verify.plots import main as compare_main
+
+    return compare_main(args)
 
 
 def _cmd_compile(args) -> int:

@@ -342,10 +342,12 @@ class PlenaConfig:
             table = dict(PRECISION_TABLES)[field]
             elem = fmt.elem if isinstance(fmt, MxFormat) else fmt.data
             sub = ".ELEM" if isinstance(fmt, MxFormat) else ".DATA_TYPE"
-            if not _is_pow2(elem.width):
+            # The reference DMA asserts a power-of-two element width; PLENA-JAX packs any width
+            # up to 32 bits little-endian (docs/formats.md), e.g. MXFP6.
+            if not 1 <= elem.width <= 32:
                 raise self._err(
                     f"PRECISION.{table}{sub}",
-                    f"element width {elem.width} bits is not a power of two (the HBM DMA requires it)",
+                    f"element width {elem.width} bits is not in 1..32 (HBM elements are packed codes of at most 32 bits)",
                 )
             if elem.width * self.mlen % 8:
                 raise self._err(

@@ -2,7 +2,8 @@
 seeded random weights (shape of a :data:`plena.frontend.model.PRESETS` model), compiled with
 :func:`plena.frontend.model.compile_decoder`, run on the JAX emulator, and compared stage by
 stage with the golden model (:func:`plena.golden.llama.decoder`) in hardware mode (bit-exact
-share) and fp32 mode (relative L2 error of the machine's numerics).
+share) and fp32 mode (relative L2 error of the machine's numerics), with
+:mod:`plena.verify.stages` (which also names the first diverging element, if any).
 
 The last line printed is always::
 
@@ -60,6 +61,7 @@ def run_demo(*, layers: int = 2, seq: int = 64, config: Optional[str] = None, mo
     from plena.frontend.model import compile_decoder, preset_params
     from plena.golden import Policy
     from plena.golden.llama import decoder
+    from plena.verify.stages import compare_run, read_stages
 
     cfg = load_config(config) if config else default_config()
     params = preset_params(model, layers, seed)
@@ -80,23 +82,21 @@ def run_demo(*, layers: int = 2, seq: int = 64, config: Optional[str] = None, mo
     _, f32 = decoder(params, meta["x"], cfg, seq=seq, layers=layers, policy=Policy.fp32(cfg))
     f32 = {k: np.asarray(v) for k, v in f32.items()}
     golden_fp32_s = time.perf_counter() - t0
-    stages, same_total, n_total = [], 0, 0
-    for name, m in meta["intermediates"].items():
-        emu = m.read(prog, res)
-        same = int(np.count_nonzero(emu.view(np.uint32) == hw[name].astype(np.float32).view(np.uint32)))
-        same_total += same
-        n_total += emu.size
-        stages.append(dict(name=name, shape=list(emu.shape), bit_exact_pct=100.0 * same / emu.size,
-                           rel_l2_fp32=_rel_l2(emu, f32[name]),
-                           max_abs_fp32=float(np.abs(emu - f32[name]).max())))
+    emu = read_stages(prog, res, meta["intermediates"])
+    vs_hw = compare_run(prog, res, meta["intermediates"], hw, emulated=emu, reference_label="hardware golden")
+    vs_f32 = compare_run(prog, res, meta["intermediates"], f32, emulated=emu, reference_label="fp32 golden")
+    stages = [dict(name=h.name, shape=list(h.shape), bit_exact_pct=h.bit_exact_pct, rel_l2_fp32=f.rel_l2,
+                   max_abs_fp32=f.max_abs, mae_fp32=f.mae) for h, f in zip(vs_hw, vs_f32)]
+    first = vs_hw.first_divergence
     out = meta["output"].read(prog, res)
     return dict(model=model, layers=layers, seq=seq, hidden=params.hidden, heads=params.heads,
                 kv_heads=params.kv_heads, head_dim=params.head_dim, intermediate=params.intermediate,
                 compile_s=compile_s, emulate_s=emulate_s, emulator_compile_s=float(res.compile_s),
                 golden_hw_s=golden_hw_s, golden_fp32_s=golden_fp32_s,
                 static_instructions=len(prog.words), instructions=int(res.instructions), cycles=int(res.cycles),
-                bit_exact_pct=100.0 * same_total / n_total, rel_l2_fp32=_rel_l2(out, f32["final_norm"]),
-                max_abs_fp32=float(np.abs(out - f32["final_norm"]).max()), stages=stages)
+                bit_exact_pct=vs_hw.bit_exact_pct, rel_l2_fp32=_rel_l2(out, f32["final_norm"]),
+                max_abs_fp32=float(np.abs(out - f32["final_norm"]).max()), stages=stages,
+                first_divergence=first.to_dict() if first else None)
 
 
 def _print_table(r: dict) -> None:
@@ -128,6 +128,10 @@ def main(argv: Optional[list] = None, args: Optional[argparse.Namespace] = None)
         print(json.dumps(r, indent=2))
     else:
         _print_table(r)
+    fd = r.get("first_divergence")
+    if fd:
+        print(f"first divergence from the hardware golden: {fd['stage']}{fd['index']}: emulator {fd['actual']} "
+              f"vs golden {fd['reference']}")
     print(f"demo: layers={r['layers']} bit_exact={r['bit_exact_pct']:.2f}% rel_l2_fp32={r['rel_l2_fp32']:.4g} "
           f"emulate_s={r['emulate_s']:.2f} instructions={r['instructions']}")
     return 0 if r["bit_exact_pct"] == 100.0 else 1

@@ -429,7 +429,7 @@ INCONSISTENT = [
     ({("CONFIG", "MLEN", "value"): 2**32, ("CONFIG", "VLEN", "value"): 2**32}, "CONFIG.MLEN.value", "4294967295"),
     ({("LATENCY", "VECTOR_EXP_CYCLES", "dc_lib_en"): -1}, "LATENCY.VECTOR_EXP_CYCLES.dc_lib_en", r"\[0, "),
     ({("PRECISION", "HBM_V_ACT_TYPE", "SCALE", "sign"): True}, "PRECISION.HBM_V_ACT_TYPE.SCALE.sign", "unsigned"),
-    ({("PRECISION", "HBM_M_KV_TYPE", "ELEM", "mantissa"): 2}, "PRECISION.HBM_M_KV_TYPE.ELEM", "power of two"),
+    ({("PRECISION", "HBM_M_KV_TYPE", "ELEM", "mantissa"): 28}, "PRECISION.HBM_M_KV_TYPE.ELEM", "1..32"),
     ({("PRECISION", "HBM_V_KV_TYPE", "SCALE", "exponent"): 7}, "PRECISION.HBM_V_KV_TYPE.SCALE", "power of two"),
     ({("PRECISION", "HBM_M_WEIGHT_TYPE", "block"): 0}, "PRECISION.HBM_M_WEIGHT_TYPE.block", r"\[1, "),
     ({("PRECISION", "HBM_M_WEIGHT_TYPE", "block"): 48}, "PRECISION.HBM_M_WEIGHT_TYPE.block", "does not divide"),

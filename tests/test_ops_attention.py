@@ -75,12 +75,19 @@ def ref_attention(q, k, v, H, Hkv, d, scale, causal):
     return out
 
 
-def make_inputs(rng, cfg, H, Hkv, nblk, d):
-    S = nblk * cfg.mlen
+# sequences that are not whole MLEN blocks (small machine, head_dim = HLEN):
+# name -> (num_heads, num_kv_heads, query rows, key rows, causal)
+RAGGED = {"gqa_s20_kv27": (8, 2, 20, 27, False), "mqa_s5_kv9": (4, 1, 5, 9, False),
+          "causal_s21": (4, 2, 21, 21, True)}
+
+
+def make_inputs(rng, cfg, H, Hkv, nblk, d, S=None, Skv=None):
+    S = nblk * cfg.mlen if S is None else S
+    Skv = S if Skv is None else Skv
     kv_cols = -(-Hkv * d // cfg.mlen) * cfg.mlen
     q = rng.standard_normal((S, H * d)).astype(np.float32)
-    k = rng.standard_normal((S, kv_cols)).astype(np.float32)
-    v = rng.standard_normal((S, kv_cols)).astype(np.float32)
+    k = rng.standard_normal((Skv, kv_cols)).astype(np.float32)
+    v = rng.standard_normal((Skv, kv_cols)).astype(np.float32)
     return q, k, v
 
 
@@ -91,10 +98,11 @@ def attention_run(cfg_name: str):
     b = ProgramBuilder(cfg)
     ops = {}
     state = b.fpsram("attn_state", np.zeros(F.fp_state_words(cfg)))  # shared by all the ops
-    for key in [k for c, k in CASES if c == cfg_name]:
-        H, Hkv, nblk, causal, which = SHAPES[key]
+    keys = [k for c, k in CASES if c == cfg_name] + ([k for _, k in RAGGED_CASES] if cfg_name == "small" else [])
+    for key in keys:
+        H, Hkv, nblk, causal, which, S, Skv = _shape(key)
         d = head_dim(cfg, which)
-        q, k, v = make_inputs(rng, cfg, H, Hkv, nblk, d)
+        q, k, v = make_inputs(rng, cfg, H, Hkv, nblk, d, S, Skv)
         q[3] *= 8.0  # a peaked row
         qt = b.hbm_input(f"{key}_in_q", q, pad_rows=cfg.hbm_v_prefetch_amount)
         kt = b.hbm_input(f"{key}_in_k", k, use="kv", pad_rows=cfg.hbm_m_prefetch_amount)
@@ -107,13 +115,24 @@ def attention_run(cfg_name: str):
     hw = Policy.hardware(cfg)
     result = {}
     for key, (out, qt, k, v, kt, vt) in ops.items():
-        H, Hkv, nblk, causal, which = SHAPES[key]
+        H, Hkv, nblk, causal, which, _, _ = _shape(key)
         d = head_dim(cfg, which)
         gold = G.flash_attention(bf16(qt.decoded), k, v, cfg=cfg, num_heads=H, num_kv_heads=Hkv, head_dim=d,
                                  causal=causal, policy=hw)
         ref = ref_attention(qt.decoded, kt.decoded, vt.decoded, H, Hkv, d, 1 / np.sqrt(d), causal)
         result[key] = (out.read(prog, res), np.asarray(gold), ref)
     return result
+
+
+RAGGED_CASES = [("small", k) for k in RAGGED]
+
+
+def _shape(key):
+    """(H, Hkv, blocks, causal, head_dim kind, S or None, Skv or None) of a SHAPES / RAGGED key."""
+    if key in SHAPES:
+        return SHAPES[key] + (None, None)
+    H, Hkv, S, Skv, causal = RAGGED[key]
+    return H, Hkv, None, causal, "hlen", S, Skv
 
 
 def same_bits(golden, emulated):
@@ -127,7 +146,7 @@ def same_bits(golden, emulated):
 # (a) bit-exact
 # =============================================================================================
 
-@pytest.mark.parametrize("cfg_name,key", CASES)
+@pytest.mark.parametrize("cfg_name,key", CASES + RAGGED_CASES)
 def test_emulator_matches_hardware_golden_bits(cfg_name, key):
     emu, gold, ref = attention_run(cfg_name)[key]
     same_bits(gold, emu)
@@ -141,11 +160,11 @@ def test_emulator_matches_hardware_golden_bits(cfg_name, key):
 # (b) fp32 golden vs float64 reference
 # =============================================================================================
 
-@pytest.mark.parametrize("key", list(SHAPES))
+@pytest.mark.parametrize("key", list(SHAPES) + list(RAGGED))
 def test_fp32_golden_close_to_float64(key):
-    H, Hkv, nblk, causal, which = SHAPES[key]
+    H, Hkv, nblk, causal, which, S, Skv = _shape(key)
     d = head_dim(CFG, which)
-    q, k, v = make_inputs(np.random.default_rng(3), CFG, H, Hkv, nblk, d)
+    q, k, v = make_inputs(np.random.default_rng(3), CFG, H, Hkv, nblk, d, S, Skv)
     got = np.asarray(G.flash_attention(q, k, v, cfg=CFG, num_heads=H, num_kv_heads=Hkv, head_dim=d,
                                        causal=causal, scale=0.3 / np.sqrt(d / 16), policy=F32))
     ref = ref_attention(q, k, v, H, Hkv, d, 0.3 / np.sqrt(d / 16), causal)
@@ -290,3 +309,52 @@ def test_conformance_case_from_its_inputs(name, capsys):
     gold = G.flash_attention(bf16(qt.decoded), k, v, cfg=cfg, num_heads=H, num_kv_heads=1, head_dim=d, causal=causal,
                              policy=Policy.hardware(cfg))
     same_bits(np.asarray(gold).reshape(-1), sim_all)
+
+
+def test_conformance_ci_flash_attention_batch2_seq32(capsys):
+    """ci_flash_attention_m64b16b2s32: batch 2, sequence 32 < MLEN (64), 4 query heads of HLEN
+    on one kv head, BLEN 16. Per batch one op from the case's inputs (the keys past 32 are the
+    op's padding, masked to -inf); the case compares head 0 (the first 16 lanes) of the 2 x 32
+    output rows, stored batch after batch."""
+    path = CONFORMANCE / "ci_flash_attention_m64b16b2s32"
+    if not (path / "inputs").is_dir():
+        pytest.skip("../shared/conformance is absent")
+    from plena.verify.conformance import bf16_match, load_case
+
+    case = load_case(path)
+    cfg = load_config(case.settings_toml)
+    mlen, hlen = cfg.mlen, cfg.hlen
+    B, S = 2, 32
+    ins = {n: np.load(path / "inputs" / f"{n}.npy") for n in "QKV"}
+    q = ins["Q"].reshape(B, S, mlen)
+    k, v = ins["K"].reshape(B, -1, mlen)[:, :S], ins["V"].reshape(B, -1, mlen)[:, :S]
+    pre = np.asarray(case.manifest["fp_sram_preload"], np.float32)
+    assert np.float32(pre[1]) * 0.25 == np.float32(1 / np.sqrt(hlen))  # the scale we use (M_BTMM x 0.25)
+    b = ProgramBuilder(cfg)
+    state = b.fpsram("attn_state", np.zeros(F.fp_state_words(cfg)))
+    outs, golds = [], []
+    for i in range(B):
+        qt = b.hbm_input(f"Q{i}", q[i], pad_rows=cfg.hbm_v_prefetch_amount)
+        kt = b.hbm_input(f"K{i}", k[i], use="kv", pad_rows=cfg.hbm_m_prefetch_amount)
+        vt = b.hbm_input(f"V{i}", v[i], use="kv", pad_rows=cfg.hbm_m_prefetch_amount)
+        outs.append(F.flash_attention(b, qt, kt, vt, num_heads=mlen // hlen, num_kv_heads=1, fp_state=state,
+                                      name=f"attn{i}"))
+        golds.append(G.flash_attention(bf16(qt.decoded), k[i], v[i], cfg=cfg, num_heads=mlen // hlen,
+                                       num_kv_heads=1, policy=Policy.hardware(cfg)))
+    prog = b.build()
+    res = prog.run()
+    sim_all = np.concatenate([o.read(prog, res) for o in outs]).reshape(-1)  # (B*S, MLEN) rows
+    idx = np.fromfile(path / "check_vram_index.u32.bin", np.uint32).astype(np.int64)
+    expected = np.fromfile(path / "check_expected.f32.bin", np.float32)
+    sim = sim_all[idx - case.comparison["region_elements"][0]]
+    cmp = case.comparison
+    ok = bf16_match(expected, sim, cmp["atol"], cmp["rtol"])
+    strict = bf16_match(expected, sim, 0.02, 0.02)
+    up_pct, strict_pct = 100 * ok.mean(), 100 * strict.mean()
+    with capsys.disabled():
+        print(f"\n  ci_flash_attention_m64b16b2s32: upstream rule {up_pct:.2f}% (need "
+              f"{cmp['min_match_rate_percent']}%), strict {strict_pct:.2f}%, max abs "
+              f"{np.abs(expected - sim).max():.4g}, nonzero {np.mean(sim != 0):.2f}", end="")
+    assert up_pct >= cmp["min_match_rate_percent"]
+    assert strict_pct >= 99.0 and np.abs(sim).max() > 0  # the case's rule alone passes all-zero output
+    same_bits(np.concatenate([np.asarray(g) for g in golds]).reshape(-1), sim_all)

@@ -23,8 +23,9 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from plena.config import PlenaConfig, default_config
-from plena.emu_jax.api import (_COMPILED, check_inputs, finish, geometry_for, load_program, program_fields,
-                               step_limit)
+from plena.emu_jax import fast
+from plena.emu_jax.api import (_COMPILED, check_inputs, fast_eligible, finish, geometry_for, load_program,
+                               program_fields, step_limit)
 from plena.emu_jax.cache import enable_compilation_cache
 from plena.emu_jax import dispatch, ops_scalar, ops_vector
 from plena.emu_jax.interpreter import step
@@ -106,9 +107,11 @@ def _shard(st: MachineState, devices) -> MachineState:
 
 def run_batch(program, cfg: PlenaConfig | None = None, *, hbm: Sequence, fpsram: Sequence | None = None,
               intsram=None, vram: Sequence | None = None, hbm_size: int | None = None,
-              devices=None, max_steps: int | None = None) -> BatchResult:
+              devices=None, max_steps: int | None = None, executor: str = "auto") -> BatchResult:
     """Run one program over B input sets (lists of per-set HBM / FP SRAM / VRAM preloads;
-    INT SRAM is shared). With `devices` (e.g. jax.devices()), the batch is sharded over them."""
+    INT SRAM is shared). With `devices` (e.g. jax.devices()), the batch is sharded over them.
+    ``executor`` as in :func:`plena.emu_jax.api.run`: the specialising executor's blocks are
+    vmapped the same way as the interpreter."""
     enable_compilation_cache()
     cfg = cfg or default_config()
     check_formats(cfg)
@@ -129,9 +132,18 @@ def run_batch(program, cfg: PlenaConfig | None = None, *, hbm: Sequence, fpsram:
         st = _shard(st, devices)
     fields, n, limit = program_fields(prog, geo), jnp.int32(len(prog)), step_limit(max_steps)
     t0 = time.perf_counter()
+    ex = None
+    if executor != "interpreter" and fast_eligible(plan, max_steps):
+        try:
+            ex = fast.prepare(prog, geo, st, batch_axes=state_axes())
+        except ValueError as exc:
+            if "out_axes" in str(exc) or "vmap" in str(exc):
+                raise BatchDivergence("the program's control flow depends on tensor data; run the input "
+                                      "sets separately") from exc
+            raise
     key = ("batch", geo, size, None if devices is None else tuple(devices))
     compiled = _COMPILED.get(key)
-    if compiled is None:
+    if compiled is None and (ex is None or any(isinstance(s, fast.Interp) for s in ex.steps)):
         try:
             compiled = _COMPILED[key] = run_program_batched.lower(geo, fields, st, n, limit).compile()
         except ValueError as exc:  # vmap: an unbatched (control) output became data-dependent
@@ -141,9 +153,11 @@ def run_batch(program, cfg: PlenaConfig | None = None, *, hbm: Sequence, fpsram:
                                       "separately") from exc
             raise
     t1 = time.perf_counter()
-    final = compiled(fields, st, n, limit)
+    final = compiled(fields, st, n, limit) if ex is None else fast.execute(ex, compiled, fields, st)
     jax.block_until_ready(final)
     t2 = time.perf_counter()
+    if ex is not None:
+        final = fast.finish_state(final, plan, len(prog))
     opcode_counts, cycles = finish(prog, final, cfg)
     return BatchResult(cfg=cfg, state=final, size=size, instructions=int(final.steps),
                        opcode_counts=opcode_counts, cycles=cycles, compile_s=t1 - t0, run_s=t2 - t1)

@@ -289,9 +289,9 @@ def schedule(items: list, prog: DecodedProgram, sigs: structure.Signatures, *, m
                 for k in range(it.count):
                     walk(it.body, reps * it.count)
                     add(("S", it.reg), [it.count - k - 1], 0, 1)
-            else:
+            else:  # the copies share their code: compiled once, run it.times times
                 for copy in it.copies:
-                    walk(copy, reps)
+                    walk(copy, reps * it.times)
 
     walk(items, 1)
     flush()
@@ -317,8 +317,17 @@ class Executable:
 _BLOCKS: dict = {}  # (geometry, block signature) -> compiled block
 
 
-def prepare(prog: DecodedProgram, geo: Geometry, example_state: MachineState, **kw) -> Executable | None:
-    """Parse, fold, schedule and compile a well-formed program (None: not well-formed)."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 4), donate_argnums=(3,))
+def run_compiled_batched(geo: Geometry, sigs: tuple, ops, st: MachineState, axes: MachineState) -> MachineState:
+    """:func:`run_compiled` over a batch of input sets (``axes``: which state fields carry
+    the batch axis; control state is shared)."""
+    return jax.vmap(lambda s: _items(geo, sigs, ops, s), in_axes=(axes,), out_axes=axes)(st)
+
+
+def prepare(prog: DecodedProgram, geo: Geometry, example_state: MachineState, *, batch_axes=None,
+            **kw) -> Executable | None:
+    """Parse, fold, schedule and compile a well-formed program (None: not well-formed).
+    ``batch_axes``: compile the blocks for a batched state (see :mod:`plena.emu_jax.batch`)."""
     import time
 
     try:
@@ -328,22 +337,28 @@ def prepare(prog: DecodedProgram, geo: Geometry, example_state: MachineState, **
     items = structure.reroll(items, sigs)
     steps = schedule(items, prog, sigs, **kw)
     t0 = time.perf_counter()
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), example_state)
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                                      example_state)
+    batch = None if batch_axes is None else example_state.vram.shape[0]
     todo = {}
     for step in steps:
-        if isinstance(step, Block) and (geo, step.sig) not in _BLOCKS and step.sig not in todo:
+        if isinstance(step, Block) and (geo, step.sig, batch) not in _BLOCKS and step.sig not in todo:
             todo[step.sig] = step.operands.shape
 
     def build(item):
         sig, shape = item
-        lowered = run_compiled.lower(geo, sig, jax.ShapeDtypeStruct(shape, jnp.int32), abstract)
+        ops = jax.ShapeDtypeStruct(shape, jnp.int32)
+        if batch_axes is None:
+            lowered = run_compiled.lower(geo, sig, ops, abstract)
+        else:
+            lowered = run_compiled_batched.lower(geo, sig, ops, abstract, batch_axes)
         return sig, lowered.compile(COMPILER_OPTIONS)
 
     # XLA compiles outside the GIL: blocks compile in parallel
     with concurrent.futures.ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1))) as pool:
         for sig, fn in pool.map(build, todo.items()):
-            _BLOCKS[(geo, sig)] = fn
-    compiled = {s.sig: _BLOCKS[(geo, s.sig)] for s in steps if isinstance(s, Block)}
+            _BLOCKS[(geo, sig, batch)] = fn
+    compiled = {s.sig: _BLOCKS[(geo, s.sig, batch)] for s in steps if isinstance(s, Block)}
     fresh = len(todo)
     steps = [dataclasses.replace(s, operands=jnp.asarray(s.operands)) if isinstance(s, Block)
              else dataclasses.replace(s, hi=jnp.int32(s.hi)) for s in steps]

@@ -11,7 +11,9 @@ from jax import lax
 
 from plena.emu_jax.errors import Err
 from plena.emu_jax.state import SRAM_WORDS, Geometry, MachineState
-from plena.numerics.bf16 import bf16_bits_to_f32, f32_to_bf16_bits
+from plena.numerics import codec
+from plena.numerics.bf16 import bf16_bits_to_f32, f32_to_bf16_bits, f32_to_bf16_bits_reg
+from plena.numerics.formats import FloatType
 
 U32 = jnp.uint32
 I32 = jnp.int32
@@ -184,6 +186,41 @@ def fp_read(st: MachineState, r):
     return bf16_bits_to_f32(st.fp[jnp.minimum(r, st.fp.shape[0] - 1)]), err_if(bad, Err.FP_REG)
 
 
-def to_vram_bits(x):
-    """f32 -> bf16 bits with the VRAM cast (spec §2.9a)."""
+def _is_bf16(t) -> bool:
+    return isinstance(t, FloatType) and (t.sign, t.exponent, t.mantissa) == (True, 8, 7)
+
+
+def vram_dtype(geo):
+    """The scalar type VRAM holds (VECTOR_SRAM_TYPE's data type), or None for bf16."""
+    if geo is None:
+        return None
+    t = geo.cfg.precision.vector_sram_type.data
+    return None if _is_bf16(t) else t
+
+
+def scalar_fp_dtype(geo):
+    """The scalar type of the FP registers (SCALAR_FP), or None for bf16."""
+    if geo is None:
+        return None
+    t = geo.cfg.precision.scalar_fp
+    return None if _is_bf16(t) else t
+
+
+def to_vram_bits(x, geo=None):
+    """f32 -> VRAM container bits (u16 bf16). With VECTOR_SRAM_TYPE = bf16 (or ``geo=None``)
+    this is the VRAM cast of spec §2.9a; for another type (every value of which is a bf16
+    value, checked by :func:`plena.emu_jax.ops_hbm.check_formats`) the value is first rounded
+    to that type (RNE, :func:`plena.numerics.codec.round_to`), then held as bf16 (exact)."""
+    t = vram_dtype(geo)
+    if t is not None:
+        x = codec.round_to(x, t)
     return f32_to_bf16_bits(x)
+
+
+def to_fp_bits(x, geo=None):
+    """f32 -> fp-register bits (u16 bf16): ``half::bf16::from_f32`` for SCALAR_FP = bf16;
+    for another SCALAR_FP type the value is rounded to that type first (then exact in bf16)."""
+    t = scalar_fp_dtype(geo)
+    if t is not None:
+        x = codec.round_to(x, t)
+    return f32_to_bf16_bits_reg(x)

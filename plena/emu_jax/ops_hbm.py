@@ -15,13 +15,14 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-from plena.emu_jax.effects import no_effect
+from plena.emu_jax.effects import hbm_scale_bytes, no_effect
 from plena.emu_jax.errors import Err
 from plena.emu_jax.memory import (U32, add64, blocks_touched, err_if, first_err, hbm_index, past_end64, hbm_read,
                                   mram_tile, read_rows_bits, to_vram_bits, u32, vram_row, write_target)
 from plena.emu_jax.state import Geometry
 from plena.numerics.bf16 import bf16_bits_to_f32
-from plena.numerics.formats import MxFormat
+from plena.numerics import codec
+from plena.numerics.formats import FloatType, IntType, MxFormat, PlainFormat
 from plena.numerics.minifloat import decode_table
 from plena.numerics.mx import mx_encode
 
@@ -30,38 +31,134 @@ class UnsupportedFormat(NotImplementedError):
     pass
 
 
+def _is_bf16(t) -> bool:
+    return isinstance(t, FloatType) and (t.sign, t.exponent, t.mantissa) == (True, 8, 7)
+
+
+def _data(fmt):
+    return fmt.elem if isinstance(fmt, MxFormat) else fmt.data
+
+
 def check_formats(cfg) -> None:
-    """The emulator currently moves MX data with 8-bit elements and 8-bit scales (MXFP8 and
-    friends) and keeps VRAM in bf16; other precision tables raise here, at load time."""
+    """Raise :class:`UnsupportedFormat` (naming the precision key) for precision tables the
+    emulator cannot honour; everything else is supported (docs/formats.md):
+
+    * HBM transfer types (HBM_M_WEIGHT_TYPE, HBM_M_KV_TYPE, HBM_V_ACT_TYPE, HBM_V_KV_TYPE):
+      Plain Fp (exponent <= 8, mantissa <= 23) or Int, or Mx with a signed Fp (<= 16 bits,
+      exponent <= 7) or Int (2..16 bits) element and an 8-bit unsigned power-of-two scale
+      (e8m0); elements of any width are packed little-endian, a row must be whole bytes and
+      the block must divide the row. H_STORE_V formats (HBM_V_*) need elements of at most 8
+      bits (one VLEN-byte write slot per row) and at most as many scale bytes per row as
+      HBM_V_ACT_TYPE.
+    * VECTOR_SRAM_TYPE and SCALAR_FP: Plain Fp with exponent <= 8 and mantissa <= 7 (every
+      value is a bf16 value, so the u16 containers stay) or Int of at most 8 bits (VRAM only).
+    * MATRIX_SRAM_TYPE: Plain Fp with exponent <= 8 and mantissa <= 23 or Int <= 24 bits (MRAM
+      holds f32).
+    """
     p = cfg.precision
-    for name in ("hbm_m_weight_type", "hbm_m_kv_type", "hbm_v_act_type", "hbm_v_kv_type"):
+    keys = {"hbm_m_weight_type": "HBM_M_WEIGHT_TYPE", "hbm_m_kv_type": "HBM_M_KV_TYPE",
+            "hbm_v_act_type": "HBM_V_ACT_TYPE", "hbm_v_kv_type": "HBM_V_KV_TYPE"}
+
+    def bad(key, fmt, why):
+        raise UnsupportedFormat(f"precision {key} = {fmt}: {why} (see docs/formats.md)")
+
+    act_nsc = _scale_bytes(p.hbm_v_act_type, cfg.vlen)
+    for name, key in keys.items():
         fmt = getattr(p, name)
-        if not (isinstance(fmt, MxFormat) and fmt.elem.width == 8 and fmt.scale.width == 8
-                and fmt.block == p.hbm_v_act_type.block and hasattr(fmt.elem, "exponent")):
-            raise UnsupportedFormat(f"precision {name} = {fmt} is not supported yet "
-                                    "(MX with 8-bit float elements and 8-bit scales only)")
-    if str(p.vector_sram_type) != "Plain(e8m7s)":
-        raise UnsupportedFormat(f"VECTOR_SRAM_TYPE = {p.vector_sram_type}: only bf16 VRAM is supported")
+        row = cfg.mlen if name.startswith("hbm_m") else cfg.vlen
+        el = _data(fmt)
+        if isinstance(fmt, MxFormat):
+            try:
+                codec.check_mx_format(fmt)
+            except (NotImplementedError, TypeError, ValueError) as e:
+                bad(key, fmt, str(e))
+            if fmt.scale.width != 8:
+                bad(key, fmt, "MX scales must be 8 bits wide")
+            if row % fmt.block:
+                bad(key, fmt, f"the block ({fmt.block}) must divide the row length ({row})")
+            if (fmt.elem.width * fmt.block) % fmt.scale.width:
+                bad(key, fmt, "elem_bits * block must be a multiple of the scale width")
+        else:
+            try:
+                codec.check_scalar_type(el, jnp_path=True)
+            except (NotImplementedError, TypeError, ValueError) as e:
+                bad(key, fmt, str(e))
+        if (row * el.width) % 8:
+            bad(key, fmt, "a row must be a whole number of bytes")
+        if name.startswith("hbm_v"):
+            if el.width > 8:
+                bad(key, fmt, "H_STORE_V writes at most 8-bit elements (one VLEN-byte slot per row)")
+            if _scale_bytes(fmt, cfg.vlen) > act_nsc and act_nsc >= 0:
+                bad(key, fmt, "needs more scale bytes per row than HBM_V_ACT_TYPE")
+    v = p.vector_sram_type
+    if not (isinstance(v, PlainFormat) and codec.subset_of_bf16(v.data)
+            and (isinstance(v.data, IntType) or v.data.exponent >= 1)):
+        bad("VECTOR_SRAM_TYPE", v, "VRAM holds bf16 containers: Plain Fp with exponent <= 8 and "
+            "mantissa <= 7, or Int <= 8 bits")
+    sfp = p.scalar_fp
+    if not (isinstance(sfp, FloatType) and codec.subset_of_bf16(sfp) and sfp.exponent >= 1):
+        bad("SCALAR_FP", sfp, "FP registers hold bf16 containers: Fp with exponent <= 8 and mantissa <= 7")
+    m = p.matrix_sram_type
+    ok = isinstance(m, PlainFormat) and (
+        (isinstance(m.data, FloatType) and 1 <= m.data.exponent <= 8 and m.data.mantissa <= 23)
+        or (isinstance(m.data, IntType) and m.data.width <= 24))
+    if not ok:
+        bad("MATRIX_SRAM_TYPE", m, "MRAM holds f32: Plain Fp with exponent <= 8 and mantissa <= 23, "
+            "or Int <= 24 bits")
+
+
+def _scale_bytes(fmt, row_len: int) -> int:
+    """Scale bytes of one row (0 for Plain)."""
+    if not isinstance(fmt, MxFormat):
+        return 0
+    return row_len // fmt.block * fmt.scale.width // 8
+
+
+def _row_bytes(fmt, row_len: int) -> int:
+    return row_len * _data(fmt).width // 8
 
 
 @functools.lru_cache(maxsize=None)
-def _luts(fmt: MxFormat):
-    return decode_table(fmt.elem).astype(np.float32), decode_table(fmt.scale).astype(np.float32)
+def _elem_lut(t):
+    """f32 value of every code of an MX element type (float: the reference decode, §2.9(a))."""
+    if isinstance(t, IntType):
+        return codec.decode_np(np.arange(1 << t.width, dtype=np.uint32), t)
+    return decode_table(t).astype(np.float32)
 
 
-def _pick_luts(fmt0: MxFormat, fmt1: MxFormat, funct1):
-    e0, s0 = _luts(fmt0)
-    e1, s1 = _luts(fmt1)
+def _decode_codes(fmt, raw, scale_raw, row_len):
+    """f32 values of one row from its element bytes (and scale bytes, already clipped)."""
+    el = _data(fmt)
+    nb = _row_bytes(fmt, row_len)
+    codes = raw[:nb] if el.width == 8 else codec.unpack_codes(raw[:nb], el.width, row_len)
+    if not isinstance(fmt, MxFormat):
+        return codec.decode(codes, el)
+    scale = scale_raw[:_scale_bytes(fmt, row_len)]
+    elut = jnp.asarray(_elem_lut(el))
+    slut = jnp.asarray(decode_table(fmt.scale).astype(np.float32))
+    return elut[codes.astype(jnp.int32)] * jnp.repeat(slut[scale.astype(jnp.int32)], fmt.block)
+
+
+def _select(funct1, a, b):
+    return tuple(jnp.where(funct1 == 0, x, y) for x, y in zip(a, b))
+
+
+def _addresses(geo, st, f, fmt0, fmt1, row_len):
+    """Element and scale addresses of row st.sub for the format funct1 selects."""
+    a0 = _row_addresses(geo, st, f, _row_bytes(fmt0, row_len), fmt0.element_scale_ratio)
     if fmt0 == fmt1:
-        return jnp.asarray(e0), jnp.asarray(s0)
-    return jnp.where(funct1 == 0, e0, e1), jnp.where(funct1 == 0, s0, s1)
+        return a0
+    a1 = _row_addresses(geo, st, f, _row_bytes(fmt1, row_len), fmt1.element_scale_ratio)
+    (e0, s0), (e1, s1) = a0, a1
+    return _select(f.funct1, e0, e1), _select(f.funct1, s0, s1)
 
 
-def _row_addresses(geo: Geometry, st, f, row_len: int, ratio: int):
-    """(elem hi, lo), (scale hi, lo) of row i = st.sub."""
+def _row_addresses(geo: Geometry, st, f, row_bytes: int, ratio: int):
+    """(elem hi, lo), (scale hi, lo) of row i = st.sub (``row_bytes``: the default stride,
+    the bytes of one row; equal to the row length for 8-bit elements as in the reference)."""
     base_hi, base_lo = st.a_hi[f.rs2], st.a_lo[f.rs2]
     off = st.gp[f.rs1]
-    stride = jnp.where(f.rs3 == 1, st.stride, U32(row_len))
+    stride = jnp.where(f.rs3 == 1, st.stride, U32(row_bytes))
     i = u32(st.sub)
     e_hi, e_lo = add64(*add64(base_hi, base_lo, off), i * stride)
     s_hi, s_lo = add64(*add64(base_hi, base_lo, st.scale), off // U32(ratio))
@@ -73,22 +170,37 @@ def _row_addresses(geo: Geometry, st, f, row_len: int, ratio: int):
     return (e_hi, e_lo), (s_hi, s_lo)
 
 
-def _read_mx_row(geo, st, f, fmt0, fmt1, row_len):
-    ratio = fmt0.element_scale_ratio
-    (e_hi, e_lo), (s_hi, s_lo) = _row_addresses(geo, st, f, row_len, ratio)
-    nsc = row_len // fmt0.block
-    elem = hbm_read(geo, st.hbm, e_hi, e_lo, row_len)
-    scale = hbm_read(geo, st.hbm, s_hi, s_lo, nsc)
-    scale = jnp.where((s_lo % U32(64)) + jnp.arange(nsc, dtype=U32) < U32(64), scale, jnp.uint8(0))
-    elut, slut = _pick_luts(fmt0, fmt1, f.funct1)
-    values = elut[elem.astype(jnp.int32)] * jnp.repeat(slut[scale.astype(jnp.int32)], fmt0.block)
-    return values, blocks_touched(e_lo, row_len) + U32(1)
+def _read_row(geo, st, f, fmt0, fmt1, row_len):
+    """(f32 values, blocks read) of row i = st.sub of a transfer (format by funct1); one
+    element read and at most one scale read."""
+    fmts = (fmt0,) if fmt0 == fmt1 else (fmt0, fmt1)
+    (e_hi, e_lo), (s_hi, s_lo) = _addresses(geo, st, f, fmt0, fmt1, row_len)
+    nb_max = max(_row_bytes(m, row_len) for m in fmts)
+    nsc_max = max(_scale_bytes(m, row_len) for m in fmts)
+    raw = hbm_read(geo, st.hbm, e_hi, e_lo, nb_max)
+    scale = None
+    if nsc_max:
+        scale = hbm_read(geo, st.hbm, s_hi, s_lo, nsc_max)
+        scale = jnp.where((s_lo % U32(64)) + jnp.arange(nsc_max, dtype=U32) < U32(64), scale, jnp.uint8(0))
+    outs = []
+    for m in fmts:
+        nread = blocks_touched(e_lo, _row_bytes(m, row_len)) + U32(1 if isinstance(m, MxFormat) else 0)
+        outs.append((_decode_codes(m, raw, scale, row_len), nread))
+    return outs[0] if len(outs) == 1 else _select(f.funct1, *outs)
+
+
+def _to_mram(geo, values):
+    """MRAM keeps f32 values as decoded (reference, MATRIX_SRAM_TYPE = bf16); another
+    MATRIX_SRAM_TYPE rounds them to that type (RNE)."""
+    t = geo.cfg.precision.matrix_sram_type.data
+    return values if _is_bf16(t) else codec.round_to(values, t)
 
 
 def h_prefetch_m(geo, st, f):
     c = geo.cfg
     p = c.precision
-    values, nread = _read_mx_row(geo, st, f, p.hbm_m_weight_type, p.hbm_m_kv_type, c.mlen)
+    values, nread = _read_row(geo, st, f, p.hbm_m_weight_type, p.hbm_m_kv_type, c.mlen)
+    values = _to_mram(geo, values)
     tile0, et = mram_tile(geo, st.gp[f.rd])
     tile = tile0 + st.sub // c.mlen
     er = err_if(tile >= c.mram_tiles, Err.MRAM_RANGE)
@@ -101,39 +213,74 @@ def h_prefetch_m(geo, st, f):
 def h_prefetch_v(geo, st, f):
     c = geo.cfg
     p = c.precision
-    values, nread = _read_mx_row(geo, st, f, p.hbm_v_act_type, p.hbm_v_kv_type, c.vlen)
+    values, nread = _read_row(geo, st, f, p.hbm_v_act_type, p.hbm_v_kv_type, c.vlen)
     row0, err = vram_row(geo, st.gp[f.rd])
     row = row0 + u32(st.sub)
     dropped = row >= U32(c.vector_sram_size)  # rows past VRAM depth are silently dropped
     target, ew = write_target(geo, row)
     e = no_effect(geo, st)
-    return e._replace(vram_row=jnp.where(dropped, geo.vram_rows, target), vram_data=to_vram_bits(values),
+    return e._replace(vram_row=jnp.where(dropped, geo.vram_rows, target), vram_data=to_vram_bits(values, geo),
                       hbm_rd=nread, err=first_err(err, jnp.where(dropped, 0, ew)))
 
 
+def _encode_row(fmt, x, vlen):
+    """(element bytes u8[row bytes], scale bytes u8[scale bytes]) of one VRAM row ``x``."""
+    el = _data(fmt)
+    if isinstance(fmt, MxFormat):
+        if isinstance(el, FloatType) and el.width == 8:
+            elem, scale = mx_encode(x, fmt)  # the reference's encoder, unchanged
+        else:
+            elem, scale = codec.mx_encode(x, fmt)
+    else:
+        elem, scale = codec.encode(x, el), jnp.zeros(0, jnp.uint8)
+    return codec.pack_codes(elem, el.width), scale.astype(jnp.uint8)
+
+
 def h_store_v(geo, st, f):
+    """H_STORE_V: MX-encode (hardware encoder) or, for Plain types, RNE-encode one VRAM row.
+    Sub-byte elements are packed (first element in the low bits); rows whose element or scale
+    bytes are fewer than the write slots are merged into the current HBM contents."""
     c = geo.cfg
     fmt0, fmt1 = c.precision.hbm_v_act_type, c.precision.hbm_v_kv_type
-    ratio, nsc = fmt0.element_scale_ratio, c.vlen // fmt0.block
-    (e_hi, e_lo), (s_hi, s_lo) = _row_addresses(geo, st, f, c.vlen, ratio)
+    fmts = (fmt0,) if fmt0 == fmt1 else (fmt0, fmt1)
+    slot_e, slot_s = c.vlen, hbm_scale_bytes(geo)
     row0, err = vram_row(geo, st.gp[f.rd])
     row = row0 + u32(st.sub)
     er = err_if(row >= U32(c.vector_sram_size), Err.VRAM_RANGE)
     x = bf16_bits_to_f32(read_rows_bits(geo, st.vram, row)[0])
-    if fmt0 == fmt1:
-        elem, scale = mx_encode(x, fmt0)
-    else:
-        (ea, sa), (eb, sb) = mx_encode(x, fmt0), mx_encode(x, fmt1)
-        elem, scale = jnp.where(f.funct1 == 0, ea, eb), jnp.where(f.funct1 == 0, sa, sb)
-    e_over = past_end64(e_hi, e_lo, c.vlen, st.hbm_cap_hi, st.hbm_cap_lo)
-    s_over = past_end64(s_hi, s_lo, nsc, st.hbm_cap_hi, st.hbm_cap_lo)
+    (e_hi, e_lo), (s_hi, s_lo) = _addresses(geo, st, f, fmt0, fmt1, c.vlen)
+    old_e = old_s = None
+    if any(_row_bytes(m, c.vlen) < slot_e for m in fmts):  # read-modify-write of the slot
+        old_e = hbm_read(geo, st.hbm, e_hi, e_lo, slot_e)
+    if any(_scale_bytes(m, c.vlen) < slot_s for m in fmts):
+        old_s = hbm_read(geo, st.hbm, s_hi, s_lo, slot_s)
     e_idx, e_in = hbm_index(geo, e_hi, e_lo)
-    s_idx, s_in = hbm_index(geo, s_hi, s_lo)
-    e_fit = e_in & (e_lo <= U32(geo.hbm_bytes - c.vlen))
-    s_fit = s_in & (s_lo <= U32(geo.hbm_bytes - nsc))
-    ew = first_err(err_if(e_over | s_over, Err.HBM_WRITE_RANGE), err_if(~(e_fit & s_fit), Err.WINDOW))
-    pieces = blocks_touched(e_lo, c.vlen) + blocks_touched(s_lo, nsc)
+    s_idx0, s_in = hbm_index(geo, s_hi, s_lo)
+
+    def one(fmt):
+        nb, nsc = _row_bytes(fmt, c.vlen), _scale_bytes(fmt, c.vlen)
+        elem, scale = _encode_row(fmt, x, c.vlen)
+        if nb < slot_e:
+            elem = jnp.concatenate([elem, old_e[nb:]])
+        if nsc < slot_s:
+            scale = jnp.concatenate([scale, old_s[nsc:]])
+        e_over = past_end64(e_hi, e_lo, nb, st.hbm_cap_hi, st.hbm_cap_lo)
+        e_fit = e_in & (e_lo <= U32(geo.hbm_bytes - nb))
+        pieces = blocks_touched(e_lo, nb)
+        if nsc:
+            s_over = past_end64(s_hi, s_lo, nsc, st.hbm_cap_hi, st.hbm_cap_lo)
+            s_fit = s_in & (s_lo <= U32(geo.hbm_bytes - nsc))
+            pieces = pieces + blocks_touched(s_lo, nsc)
+            s_idx = s_idx0
+        else:  # Plain: no scale stream; the scale slot writes nowhere
+            s_over, s_fit = jnp.bool_(False), jnp.bool_(True)
+            s_idx = jnp.int32(geo.hbm_bytes + c.vlen + 64)
+        ew = first_err(err_if(e_over | s_over, Err.HBM_WRITE_RANGE), err_if(~(e_fit & s_fit), Err.WINDOW))
+        return elem.astype(jnp.uint8), scale.astype(jnp.uint8), s_idx, pieces, ew
+
+    outs = [one(m) for m in fmts]
+    elem, scale, s_idx, pieces, ew = outs[0] if len(outs) == 1 else _select(f.funct1, *outs)
     e = no_effect(geo, st)
-    return e._replace(hbm_e_idx=e_idx, hbm_e_data=elem.astype(jnp.uint8),
-                      hbm_s_idx=s_idx, hbm_s_data=scale.astype(jnp.uint8),
+    return e._replace(hbm_e_idx=e_idx, hbm_e_data=elem,
+                      hbm_s_idx=s_idx, hbm_s_data=scale,
                       hbm_rd=pieces, hbm_wr=pieces, err=first_err(err, er, ew))

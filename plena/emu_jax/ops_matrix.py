@@ -100,7 +100,7 @@ def m_mm_wo(geo, st, f):
     row, target, err = _wo_target(geo, v_addr, row_addr, err_if(col % U32(c.blen) != 0, Err.WO_COLUMN))
     old = read_rows_bits(geo, st.vram, row)[0]
     colc = jnp.minimum(col, U32(c.mlen - c.blen)).astype(jnp.int32)
-    new = lax.dynamic_update_slice(old, to_vram_bits(st.m_acc[jnp.minimum(i, c.blen - 1)]), (colc,))
+    new = lax.dynamic_update_slice(old, to_vram_bits(st.m_acc[jnp.minimum(i, c.blen - 1)], geo), (colc,))
     last = i == c.blen - 1
     e = no_effect(geo, st)
     return e._replace(vram_row=target, vram_data=new, m_acc=jnp.where(last, 0.0, st.m_acc), err=err)
@@ -113,7 +113,7 @@ def m_mv_wo(geo, st, f):
     row, target, err = _wo_target(geo, v_addr, v_addr - col, err_if(col % U32(c.blen) != 0, Err.WO_COLUMN))
     old = read_rows_bits(geo, st.vram, row)[0]
     colc = jnp.minimum(col, U32(c.mlen - c.blen)).astype(jnp.int32)
-    new = lax.dynamic_update_slice(old, to_vram_bits(st.v_acc), (colc,))
+    new = lax.dynamic_update_slice(old, to_vram_bits(st.v_acc, geo), (colc,))
     e = no_effect(geo, st)
     return e._replace(vram_row=target, vram_data=new, v_acc=jnp.zeros_like(st.v_acc), err=err)
 
@@ -128,7 +128,7 @@ def m_bmm_wo(geo, st, f):
     g, i = j // c.mlen, j % c.mlen
     last = j == c.broadcast_amount * c.mlen - 1
     e = no_effect(geo, st)
-    return e._replace(vram_row=target, vram_data=to_vram_bits(st.hm_acc[g, i]),
+    return e._replace(vram_row=target, vram_data=to_vram_bits(st.hm_acc[g, i], geo),
                       hm_acc=jnp.where(last, 0.0, st.hm_acc), err=err)
 
 
@@ -140,7 +140,7 @@ def m_bmv_wo(geo, st, f):
                                   err_if(v_addr % U32(c.mlen) != 0, Err.BWO_ALIGN))
     last = g == c.broadcast_amount - 1
     e = no_effect(geo, st)
-    return e._replace(vram_row=target, vram_data=to_vram_bits(st.hv_acc[g]),
+    return e._replace(vram_row=target, vram_data=to_vram_bits(st.hv_acc[g], geo),
                       hv_acc=jnp.where(last, 0.0, st.hv_acc), err=err)
 
 

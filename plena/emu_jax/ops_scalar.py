@@ -10,10 +10,10 @@ import jax.numpy as jnp
 
 from plena.emu_jax.effects import Effect, no_effect
 from plena.emu_jax.errors import Err
-from plena.emu_jax.memory import (U32, err_if, first_err, fp_read, sram_index, to_vram_bits,
+from plena.emu_jax.memory import (to_fp_bits, U32, err_if, first_err, fp_read, sram_index, to_vram_bits,
                                   vram_row, write_target)
 from plena.numerics import unary
-from plena.numerics.bf16 import bf16_bits_to_f32, f32_to_bf16_bits_reg
+from plena.numerics.bf16 import bf16_bits_to_f32
 
 
 # ------------------------------------------------------------------ scalar integer
@@ -58,7 +58,7 @@ def _fp_write(geo, st, f, value_f32, *errs) -> Effect:
     e = no_effect(geo, st)
     bad_rd = err_if(f.rd >= st.fp.shape[0], Err.FP_REG)
     rd = jnp.minimum(f.rd, st.fp.shape[0] - 1)
-    return e._replace(fp=e.fp.at[rd].set(f32_to_bf16_bits_reg(value_f32)), err=first_err(*errs, bad_rd))
+    return e._replace(fp=e.fp.at[rd].set(to_fp_bits(value_f32, geo)), err=first_err(*errs, bad_rd))
 
 
 def _binary_fp(op):
@@ -119,7 +119,7 @@ def s_map_v_fp(geo, st, f):
     row, e_row = vram_row(geo, st.gp[f.rd])
     target, e_win = write_target(geo, row)
     e = no_effect(geo, st)
-    return e._replace(vram_row=target, vram_data=to_vram_bits(bf16_bits_to_f32(vals)),
+    return e._replace(vram_row=target, vram_data=to_vram_bits(bf16_bits_to_f32(vals), geo),
                       err=first_err(window, e_row, e_win))
 
 

@@ -12,11 +12,11 @@ from jax import lax
 
 from plena.emu_jax.effects import Fields, no_effect
 from plena.emu_jax.errors import Err
-from plena.emu_jax.memory import (U32, err_if, first_err, fp_read, read_rows_bits, read_vram,
+from plena.emu_jax.memory import (to_fp_bits, U32, err_if, first_err, fp_read, read_rows_bits, read_vram,
                                   sram_index, to_vram_bits, vram_row, write_target)
 from plena.emu_jax.state import TOPK_MAX, Geometry
 from plena.numerics import unary
-from plena.numerics.bf16 import bf16_bits_to_f32, f32_to_bf16_bits_reg
+from plena.numerics.bf16 import bf16_bits_to_f32
 from plena.numerics.reduce import torch_sum
 
 
@@ -34,7 +34,7 @@ def _write_row(geo, st, f, values_f32, *errs):
     row, e_row = vram_row(geo, st.gp[f.rd])
     target, e_win = write_target(geo, row)
     e = no_effect(geo, st)
-    return e._replace(vram_row=target, vram_data=to_vram_bits(values_f32), err=first_err(*errs, e_row, e_win))
+    return e._replace(vram_row=target, vram_data=to_vram_bits(values_f32, geo), err=first_err(*errs, e_row, e_win))
 
 
 def _elementwise(op, scalar_operand: bool):
@@ -111,7 +111,7 @@ def v_red_max(geo, st, f):
 def _fp_dest(geo, st, f, value, *errs):
     e = no_effect(geo, st)
     rd = jnp.minimum(f.rd, st.fp.shape[0] - 1)
-    return e._replace(fp=e.fp.at[rd].set(f32_to_bf16_bits_reg(value)), err=first_err(*errs))
+    return e._replace(fp=e.fp.at[rd].set(to_fp_bits(value, geo)), err=first_err(*errs))
 
 
 def v_shft_v(geo, st, f):
@@ -174,7 +174,7 @@ def v_topk(geo, st, f):
     ie = jnp.max(jnp.where(live, ie, 0))
     e = no_effect(geo, st)
     return e._replace(
-        fps_idx=jnp.where(live, fidx, 1024), fps_val=f32_to_bf16_bits_reg(w),
+        fps_idx=jnp.where(live, fidx, 1024), fps_val=to_fp_bits(w, geo),
         ints_idx=jnp.where(live, iidx, 1024), ints_val=top.astype(U32),
         topk_e=jnp.where(p1, 128, 32),
         err=first_err(err_if(f.rs3 > 1, Err.TOPK_POLICY), jnp.where(p1, errs[1], errs[0]), ie, fe))

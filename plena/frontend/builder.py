@@ -64,7 +64,8 @@ from plena.isa.assembler import AsmError, assemble_line
 from plena.isa.encoding import IMM18_MAX, IMM22_MAX
 from plena.isa.opcodes import BY_MNEMONIC, Role
 from plena.numerics.bf16 import bf16_bits_to_f32_np, f16_bits_to_bf16_bits_np
-from plena.numerics.formats import FloatType, MxFormat
+from plena.numerics import codec
+from plena.numerics.formats import FloatType, MxFormat, PlainFormat
 from plena.numerics.mx import mx_decode_np, mx_encode_np
 from plena.frontend.program import (BuildError, HbmTensor, MramRegion, Program, SramSlot, Stage,
                                     VramRegion, hbm_size_for)
@@ -133,6 +134,35 @@ def _as_int(value, what: str) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise BuildError(f"{what} must be an integer, got {value!r}")
     return int(value)
+
+
+def _check_cols(what: str, cols: int, fmt) -> None:
+    block = getattr(fmt, "block", 1)
+    if cols % block:
+        raise BuildError(f"{what}: {cols} columns is not a multiple of the MX block ({block})")
+    if (cols * fmt.elem_bits) % 8:
+        raise BuildError(f"{what}: {cols} columns of {fmt.elem_bits}-bit elements are not whole bytes")
+
+
+def _encode_tensor(x: np.ndarray, fmt):
+    """(element bytes u8[R, row bytes], scale bytes u8[R, scale bytes], decoded f32[R, C]) of a
+    2-D f32 tensor in an HBM format: MX with the hardware encoder (MXFP8: the reference's,
+    :func:`plena.numerics.mx.mx_encode_np`; other MX formats: :mod:`plena.numerics.codec`),
+    Plain with RNE (:func:`plena.numerics.codec.encode_np`); sub-byte codes packed, spec §2.9(b)."""
+    width = fmt.elem_bits
+    if isinstance(fmt, MxFormat):
+        if isinstance(fmt.elem, FloatType) and width == 8 and fmt.scale.width == 8:
+            elem, scale = mx_encode_np(x, fmt)
+            decoded = mx_decode_np(elem, scale, fmt)
+        else:
+            elem, scale = codec.mx_encode_np(x, fmt)
+            decoded = codec.mx_decode_np(elem, scale, fmt)
+        scale = scale.astype(np.uint8)
+    else:
+        elem = codec.encode_np(x, fmt.data)
+        decoded = codec.decode_np(elem, fmt.data)
+        scale = np.zeros((x.shape[0], 0), np.uint8)
+    return codec.pack_codes_np(elem, width), scale, np.ascontiguousarray(decoded, np.float32)
 
 
 class ProgramBuilder:
@@ -568,10 +598,17 @@ class ProgramBuilder:
         p = self.cfg.precision
         if fmt is None:
             fmt = {"activation": p.hbm_v_act_type, "weight": p.hbm_m_weight_type, "kv": p.hbm_v_kv_type}[use]
-        if not (isinstance(fmt, MxFormat) and isinstance(fmt.elem, FloatType) and fmt.elem.width == 8
-                and fmt.scale.width == 8):
-            raise BuildError(f"{what}: format {fmt} is not supported (MX with 8-bit float elements "
-                             "and 8-bit scales only, as the emulator)")
+        try:
+            if isinstance(fmt, MxFormat):
+                codec.check_mx_format(fmt)
+                if fmt.scale.width != 8:
+                    raise NotImplementedError("MX scales must be 8 bits wide")
+            elif isinstance(fmt, PlainFormat):
+                codec.check_scalar_type(fmt.data, jnp_path=True)
+            else:
+                raise TypeError(f"not a storage format: {fmt!r}")
+        except (NotImplementedError, TypeError, ValueError) as e:
+            raise BuildError(f"{what}: format {fmt} is not supported ({e}); see docs/formats.md") from None
         return fmt
 
     def _place_hbm(self, nbytes: int) -> int:
@@ -605,13 +642,11 @@ class ProgramBuilder:
         if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
             raise BuildError(f"{what}: expected a non-empty 2-D array (rows, cols), got shape {x.shape}")
         rows, cols = x.shape
-        if cols % fmt.block:
-            raise BuildError(f"{what}: {cols} columns is not a multiple of the MX block ({fmt.block})")
+        _check_cols(what, cols, fmt)
         stored = self._stored_rows(what, rows, pad_rows)
-        elem, scale = mx_encode_np(x, fmt)
-        elem = np.pad(elem.astype(np.uint8), ((0, stored - rows), (0, 0)))
-        scale = np.pad(scale.astype(np.uint8), ((0, stored - rows), (0, 0)))
-        decoded = mx_decode_np(elem[:rows], scale[:rows], fmt)
+        elem, scale, decoded = _encode_tensor(x, fmt)
+        elem = np.pad(elem, ((0, stored - rows), (0, 0)))
+        scale = np.pad(scale, ((0, stored - rows), (0, 0)))
         decoded.setflags(write=False)
         t = HbmTensor(name, "hbm_input", 0, rows, cols, stored, fmt, use, decoded)
         addr = self._place_hbm(t.nbytes)
@@ -639,8 +674,7 @@ class ProgramBuilder:
         rows, cols = _as_int(rows, f"{what}: rows"), _as_int(cols, f"{what}: cols")
         if rows < 1 or cols < 1:
             raise BuildError(f"{what}: rows and cols must be >= 1")
-        if cols % fmt.block:
-            raise BuildError(f"{what}: {cols} columns is not a multiple of the MX block ({fmt.block})")
+        _check_cols(what, cols, fmt)
         if pad_rows is None:
             pad_rows = math.lcm(self.cfg.hbm_v_writeback_amount, self.cfg.hbm_v_prefetch_amount)
         stored = self._stored_rows(what, rows, pad_rows)
@@ -663,6 +697,8 @@ class ProgramBuilder:
         """Model the emulator's MX scale addressing (spec §4.5) for every row of the transfer
         and require it to equal the layout's address (and, for reads, not to cross a 64-byte
         block: the DMA reads a row's scales as one piece clipped at the block end)."""
+        if not isinstance(t.fmt, MxFormat):
+            return  # Plain: no scale stream
         ratio = t.fmt.element_scale_ratio
         nsc = row_len // t.fmt.block * (t.fmt.scale.width // 8)
         step = np.float32(np.float32(t.row_bytes) / np.float32(ratio))
@@ -690,8 +726,9 @@ class ProgramBuilder:
             raise BuildError(f"{what}: {t!r} is not an HbmTensor")
         if row0 < 0 or col0 < 0:
             raise BuildError(f"{what}: negative row/column offset")
-        if col0 % t.fmt.block:
-            raise BuildError(f"{what}: column offset {col0} is not a multiple of the MX block {t.fmt.block}")
+        if col0 % getattr(t.fmt, "block", 1) or (col0 * t.elem_bits) % 8:
+            raise BuildError(f"{what}: column offset {col0} is not a multiple of the MX block "
+                             f"{getattr(t.fmt, 'block', 1)} or not at a byte boundary")
         if col0 + row_len > t.cols:
             raise BuildError(f"{what}: columns {col0}..{col0 + row_len - 1} are outside {t.name!r} "
                              f"({t.cols} columns); a transfer moves {row_len} columns per row")
@@ -817,6 +854,47 @@ class ProgramBuilder:
             with self.scoped(self.gp(f"{what}: mram addr"), self.gp(f"{what}: hbm offset")) as (m, h):
                 self.li(m, mram.tile(tile))
                 self.li(h, t.offset(row0, col0))
+                self._emit("H_PREFETCH_M", (m, h, a, 1, t.funct1), None)
+
+    def load_tile_indexed(self, t: HbmTensor, index: Reg, count: int, rows_per_index: int, row0: int,
+                          col0: int, mram: MramRegion, tile: int = 0) -> None:
+        """:meth:`load_tile` of ``t[i*rows_per_index + row0 : ... + P, col0 : col0+MLEN]`` where
+        ``i`` is the run-time value of the gp register ``index`` (e.g. an expert number read with
+        S_LD_INT), assumed in ``[0, count)``: the HBM offset is ``S_MUL_INT`` of ``index`` by the
+        row pitch of one index step. Every possible ``i`` is checked at build time (range and MX
+        scale addressing). ``index`` is not modified. Clobbers SCALE and STRIDE."""
+        mlen, amount = self.cfg.mlen, self.cfg.hbm_m_prefetch_amount
+        what = (f"load_tile_indexed {getattr(t, 'name', t)!r}[{index}*{rows_per_index}+{row0}:+{amount}, "
+                f"{col0}:{col0 + mlen}]")
+        self._need_gp(index, what)
+        count, rows_per_index, row0, col0, tile = (_as_int(v, what) for v in
+                                                   (count, rows_per_index, row0, col0, tile))
+        if count < 1 or rows_per_index < 0:
+            raise BuildError(f"{what}: count must be >= 1 and rows_per_index >= 0")
+        if not isinstance(mram, MramRegion):
+            raise BuildError(f"{what}: {mram!r} is not an MramRegion")
+        ntiles = self.cfg.hbm_m_prefetch_tiles
+        if tile < 0 or tile + ntiles > mram.tiles:
+            raise BuildError(f"{what}: tiles {tile}..{tile + ntiles - 1} are outside {mram.name!r} "
+                             f"({mram.tiles} tiles; one H_PREFETCH_M writes {ntiles})")
+        for i in range(count):
+            r = i * rows_per_index + row0
+            self._range_checks(what, t, r, col0, amount, mlen)
+            self._check_scales(what, t, r, col0, amount, amount, mlen, True)
+        step = rows_per_index * t.row_bytes
+        if (count - 1) * step + t.offset(row0, col0) >= U32_MOD:
+            raise BuildError(f"{what}: HBM offsets exceed 32 bits")
+        self._check_transfer_format(what, t, "m")
+        self.comment(f"{what} -> {mram.name}[{tile}]")
+        with self.scoped(self.addr(f"{what}: hbm base")) as a:
+            self.set_addr(a, t.addr)
+            self.set_scale(t.scale_offset)
+            self.set_stride(t.row_bytes)
+            with self.scoped(self.gp(f"{what}: mram addr"), self.gp(f"{what}: hbm offset")) as (m, h):
+                self.li(h, step)
+                self._emit("S_MUL_INT", (h, index, h), None)
+                self.add_imm(h, t.offset(row0, col0))
+                self.li(m, mram.tile(tile))
                 self._emit("H_PREFETCH_M", (m, h, a, 1, t.funct1), None)
 
     # -- result ------------------------------------------------------------------------------

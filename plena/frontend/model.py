@@ -129,12 +129,14 @@ def preset_params(model: str, layers: int, seed: int = 0) -> LlamaParams:
 def from_hf_config(hf_config, layers: Optional[int] = None, seed: int = 0) -> LlamaParams:
     """Random weights with the shape of a ``transformers.LlamaConfig`` (any object with its
     attribute names; ``transformers`` itself is not imported)."""
+    from plena.golden.hf import hf_rope_theta  # rope_theta moved into rope_parameters in transformers 5
+
     c = hf_config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return random_params(c.hidden_size, c.num_attention_heads, getattr(c, "num_key_value_heads", None)
                          or c.num_attention_heads, head_dim, c.intermediate_size,
                          layers if layers is not None else c.num_hidden_layers, seed,
-                         rope_theta=getattr(c, "rope_theta", 10000.0), eps=getattr(c, "rms_norm_eps", 1e-5))
+                         rope_theta=hf_rope_theta(c), eps=getattr(c, "rms_norm_eps", 1e-5))
 
 
 def rope_tables(seq: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:

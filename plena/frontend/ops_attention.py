@@ -7,8 +7,18 @@ heads (GQA: query head ``h`` uses kv head ``h // (H / Hkv)``; MHA: ``Hkv == H``)
 Scope (what is implemented): ``head_dim == HLEN`` (``BROADCAST_AMOUNT`` heads fill one VRAM
 column block, ``BA * HLEN == MLEN == VLEN``; scores with M_BTMM) or ``head_dim == MLEN`` (one
 head per column block; scores with M_TMM as the upstream MHA case does), ``H * head_dim`` a
-multiple of MLEN, query and key sequence lengths multiples of MLEN (equal for ``causal``),
-``HLEN % BLEN == 0``. Other multiples of HLEN (2*HLEN, 2*MLEN, ...) are NOT implemented.
+multiple of MLEN, any query / key sequence lengths (equal for ``causal``; lengths that are not
+multiples of MLEN are padded to whole blocks: the padded keys are masked to -inf, the padded
+query rows computed and ignored), ``HLEN % BLEN == 0``.
+
+Other head dims (multiples of HLEN strictly between HLEN and MLEN, e.g. 32 on MLEN 64) are NOT
+implemented and raise a BuildError. They are not impossible on the ISA, but neither product
+path fits them directly: M_BTMM reduces over exactly one HLEN slice of every query head lane
+(a head of ``r*HLEN`` dims would need the r chunks of one head in the same lane of r different
+query rows, i.e. a re-layout of Q), and M_TMM reduces over the whole MLEN row (it would need a
+copy of Q per head with the other heads' lanes zeroed and the head moved to its KV head's lane;
+VRAM addresses are VLEN-aligned, so lanes cannot be shifted by addressing). Both re-layouts
+need an extra permutation matmul per query block.
 
 Layouts
 -------
@@ -47,6 +57,12 @@ key block ``kb`` (``kb <= qb`` when causal) and per kv head ``t`` used by these 
 4. Finally per row ``out = O_0 * (1/l_0)``, then for g > 0 ``O_g = O_g * (1/l_g);
    out = out + O_g`` (S_RECI_FP, V_MUL_VF, V_ADD_VV): the zero lanes make the sum a lane merge.
 
+FP SRAM holds the running state of :func:`heads_per_pass` heads at a time (all BA heads up to
+MLEN 64; 2 at MLEN 128, 1 at MLEN 256, where BA heads' rows would not fit the 1024 entries):
+the heads of a column block are processed in passes, each recomputing the M_BTMM scores. The
+score masks (causal diagonal, padded keys) are built once at the start from a 0 / -inf window
+written over the start of that state.
+
 The O accumulators and PV scratch are zeroed with ``V_MUL_VF x, x, f0`` (fresh VRAM is zero,
 so they are finite). Registers are freed; SCALE/STRIDE are clobbered.
 """
@@ -59,18 +75,32 @@ from typing import Optional, Union
 import numpy as np
 
 from plena.frontend.builder import F0, GP0, ProgramBuilder
-from plena.frontend.ops_basic import VramMatrix, _finish, _output, _repeat, as_vram, vram_matrix
+from plena.frontend.ops_basic import (VramMatrix, _finish, _output, _repeat, default_pitch, load_matrix,
+                                      vram_matrix)
 from plena.frontend.program import BuildError, HbmTensor, SramSlot
+from plena.golden.ops_attention import mask_kind
 
-__all__ = ["BTMM_SCALE", "flash_attention", "fp_state_words"]
+__all__ = ["BTMM_SCALE", "flash_attention", "fp_state_words", "heads_per_pass", "mask_kind"]
 
 BTMM_SCALE = 0.25  #: fixed factor of the batched-head products (spec §4.1)
 
 
+FP_STATE_BUDGET = 640  #: FP SRAM entries (of 1024) the online-softmax state may take
+
+
+def heads_per_pass(cfg, lanes: Optional[int] = None) -> int:
+    """Query heads of one VRAM column block whose online softmax runs together (their running
+    max / sum rows live in FP SRAM at once): all ``lanes`` (default BROADCAST_AMOUNT) while
+    ``(2 * heads + 1) * MLEN`` fits :data:`FP_STATE_BUDGET`, else fewer (1 at MLEN 256); the
+    other heads of the block follow in later passes (their scores are recomputed)."""
+    lanes = cfg.broadcast_amount if lanes is None else lanes
+    return max(1, min(lanes, (FP_STATE_BUDGET // cfg.mlen - 1) // 2))
+
+
 def fp_state_words(cfg) -> int:
-    """FP SRAM scratch entries of one attention op: the online-softmax state ((2 * BA + 1) *
-    MLEN) plus the causal-mask window (2 * MLEN)."""
-    return (2 * cfg.broadcast_amount + 3) * cfg.mlen
+    """FP SRAM scratch entries of one attention op: the online-softmax state, ``(2 * heads +
+    1) * MLEN`` with ``heads = heads_per_pass(cfg)`` (the mask window, 2 * MLEN, reuses it)."""
+    return (2 * heads_per_pass(cfg) + 1) * cfg.mlen
 
 
 def flash_attention(b: ProgramBuilder, q: Union[VramMatrix, HbmTensor], k: HbmTensor, v: HbmTensor, *,
@@ -110,28 +140,43 @@ def flash_attention(b: ProgramBuilder, q: Union[VramMatrix, HbmTensor], k: HbmTe
     Skv, C = k.shape
     d = hlen if head_dim is None else int(head_dim)
     if d not in (hlen, mlen):
-        raise BuildError(f"{what}: head_dim {d} not supported (HLEN = {hlen} or MLEN = {mlen})")
+        raise BuildError(f"{what}: head_dim {d} not supported: HLEN = {hlen} (M_BTMM path) or MLEN = {mlen} "
+                         "(M_TMM path) only; other multiples of HLEN need a re-layout of Q that is not "
+                         "implemented (see the module docstring)")
     batched = d == hlen
     lanes = mlen // d  # heads per VRAM column block
-    if Skv % mlen or C % mlen or C < Hkv * d:
-        raise BuildError(f"{what}: k/v shape {k.shape}: rows and columns must be multiples of MLEN "
+    if C % mlen or C < Hkv * d:
+        raise BuildError(f"{what}: k/v shape {k.shape}: columns must be a multiple of MLEN "
                          f"= {mlen} with columns >= num_kv_heads * head_dim = {Hkv * d}")
     P = cfg.hbm_m_prefetch_amount
+    nkb = -(-Skv // mlen)  # key blocks; the last holds `valid_last` keys
+    valid_last = Skv - (nkb - 1) * mlen
     for t in (k, v):
-        last = Skv - mlen
+        last = (nkb - 1) * mlen
         if t.stored_rows < last + P:
             raise BuildError(f"{what}: {t.name!r} needs {last + P} stored rows (pad_rows={P})")
     if not isinstance(q, (VramMatrix, HbmTensor)):
         raise BuildError(f"{what}: q must be a VramMatrix or an HbmTensor")
     S, D = q.shape
-    if D != H * d or S % mlen or D % mlen:
-        raise BuildError(f"{what}: q shape {q.shape}: expected (multiple of MLEN, num_heads * head_dim "
+    if D != H * d or D % mlen:
+        raise BuildError(f"{what}: q shape {q.shape}: expected (rows, num_heads * head_dim "
                          f"= {H * d}, a multiple of MLEN)")
+    s_pad = -(-S // mlen) * mlen  # query rows processed (whole blocks)
+    if isinstance(q, VramMatrix) and q.pitch < s_pad:
+        raise BuildError(f"{what}: q {q.name!r} has pitch {q.pitch}; the op reads whole query blocks, so "
+                         f"it needs pitch >= {s_pad} (rows past {S} may hold anything)")
+    if out is not None and (not isinstance(out, VramMatrix) or out.pitch < s_pad):
+        raise BuildError(f"{what}: out must be a VramMatrix with pitch >= {s_pad} (whole query blocks)")
     if causal and S != Skv:
         raise BuildError(f"{what}: causal needs equal query and key lengths ({S} != {Skv})")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    q = as_vram(b, q, f"{name}.q")
+    if isinstance(q, HbmTensor):
+        qm = vram_matrix(b, f"{name}.q", S, D, pitch=default_pitch(cfg, s_pad))
+        load_matrix(b, q, qm)
+        q = qm
+    if out is None:
+        out = vram_matrix(b, f"{name}.out", S, D, pitch=default_pitch(cfg, s_pad))
     out = _output(b, out, f"{name}.out", S, D, what)
     if out.region.addr < q.end and q.region.addr < out.end:
         raise BuildError(f"{what}: the output may not overlap q")
@@ -147,28 +192,41 @@ def flash_attention(b: ProgramBuilder, q: Union[VramMatrix, HbmTensor], k: HbmTe
         fp_state = b.fpsram(f"{name}.state", np.zeros(need))
     elif not isinstance(fp_state, SramSlot) or fp_state.kind != "fpsram" or fp_state.size < need:
         raise BuildError(f"{what}: fp_state must be an FP SRAM slot of >= {need} entries")
-    state = fp_state  # m [g][row] | l [g][row] | alpha [row] | mask window
-    M_OFF, L_OFF = 0, ba * mlen
+    hpp = heads_per_pass(cfg, lanes)
+    state = fp_state  # m [g][row] | l [g][row] | alpha [row] (g < hpp); the mask window first
+    M_OFF, L_OFF, A_ABS = 0, hpp * mlen, 2 * hpp * mlen
     fneg, fscale = b.fp(f"{name} -inf"), b.fp(f"{name} scale")
     b.emit("S_LD_FP", fneg, GP0, int(consts))
     b.emit("S_LD_FP", fscale, GP0, int(consts) + 1)
-    mask = None
-    if causal:
-        mask = vram_matrix(b, f"{name}.mask", mlen, mlen, pitch=mlen)
-        window = int(state) + (2 * ba + 1) * mlen  # MLEN zeros then MLEN -inf
-        b.comment(f"{what}: causal mask rows (0 for key <= query, -inf after) via S_MAP_V_FP")
+    kinds = sorted({mask_kind(cfg, causal, qb, kb, nkb, valid_last)
+                    for qb in range(s_pad // mlen) for kb in range(nkb)} - {None})
+    masks = {}
+    if kinds:
+        window = int(state)  # MLEN zeros then MLEN -inf (before the state is used)
+        b.comment(f"{what}: score masks (0 for visible keys, -inf for later / padded ones) via S_MAP_V_FP")
         with b.scoped(b.gp(f"{name} mask row"), b.gp(f"{name} mask src")) as (pr, ps):
             b.li(ps, window)
             with _repeat(b, mlen, f"{name} mask window"):
                 b.emit("S_ST_FP", F0, ps, 0)
                 b.emit("S_ST_FP", fneg, ps, mlen)
                 b.add_imm(ps, 1)
-            b.li(pr, mask.addr(0))
-            b.li(ps, window + mlen - 1)
-            with _repeat(b, mlen, f"{name} mask rows"):
-                b.emit("S_MAP_V_FP", pr, ps, 0)
-                b.add_imm(pr, mlen)
-                b.add_imm(ps, -1)
+            for diag, valid in kinds:
+                mk = masks[(diag, valid)] = vram_matrix(b, f"{name}.mask{int(diag)}_{valid}", mlen, mlen, pitch=mlen)
+                b.li(pr, mk.addr(0))
+                # row r shows keys c <= lim(r) = min(r if diag else MLEN-1, valid-1): its window
+                # starts at window + MLEN-1 - lim(r)
+                ramp = valid if diag else 0  # rows whose limit is r itself
+                if ramp:
+                    b.li(ps, window + mlen - 1)
+                    with _repeat(b, ramp, f"{name} mask ramp"):
+                        b.emit("S_MAP_V_FP", pr, ps, 0)
+                        b.add_imm(pr, mlen)
+                        b.add_imm(ps, -1)
+                if mlen - ramp:
+                    b.li(ps, window + mlen - valid)
+                    with _repeat(b, mlen - ramp, f"{name} mask rows"):
+                        b.emit("S_MAP_V_FP", pr, ps, 0)
+                        b.add_imm(pr, mlen)
     fa, fb, fc, fd, fe = (b.fp(f"{name} t{i}") for i in range(5))
     gps = [b.gp(f"{name} p{i}") for i in range(4)]
     p0, p1, p2, p3 = gps
@@ -183,80 +241,85 @@ def flash_attention(b: ProgramBuilder, q: Union[VramMatrix, HbmTensor], k: HbmTe
         for g in range(lanes):
             zero(pv[g])
     b.comment(f"{what}: q {q.name} ({S} x {D}), {H} heads / {Hkv} kv heads, scale={scale}, causal={causal}")
-    for qb in range(S // mlen):
+    for qb in range(s_pad // mlen):
         for j in range(D // mlen):
-            heads = [j * lanes + g for g in range(lanes)]
-            kvs = sorted({h // G for h in heads})
-            b.comment(f"{what}: query block {qb}, heads {heads[0]}..{heads[-1]}, kv heads {kvs}")
-            # init state and accumulators
-            b.li(p0, int(state) + M_OFF)
-            with _repeat(b, ba * mlen, f"{name} init m"):
-                b.emit("S_ST_FP", fneg, p0, 0)
-                b.emit("S_ST_FP", F0, p0, L_OFF)
-                b.add_imm(p0, 1)
-            for g in range(lanes):
-                zero(acc[g])
-            for kb in range(Skv // mlen):
-                if causal and kb > qb:
-                    continue
-                for t in kvs:
-                    strip, kcol = (t * d) // mlen, (t * d) % mlen
-                    b.load_tile(k, kb * mlen, strip * mlen, mram, tile=0)
-                    if batched:
-                        b.li(p0, mram.tile(0) + kcol)
-                        b.li(p1, q.addr(qb * mlen, j))
-                        b.emit("M_BTMM", 0, p0, p1)
-                        b.li(p2, scores.addr)
-                        b.emit("M_BMM_WO", p2, 0)
-                    else:
-                        _tmm_scores(b, name, q.addr(qb * mlen, j), mram.tile(0), scores.addr, (p0, p1, p2, p3))
-                    b.load_tile(v, kb * mlen, strip * mlen, mram, tile=0)
-                    for g in range(lanes):
-                        if heads[g] // G != t:
-                            continue
-                        _softmax_rows(b, name, scores.addr + g * mlen * mlen, int(state) + g * mlen,
-                                      M_OFF, L_OFF, 2 * ba * mlen - g * mlen, mask if (causal and kb == qb) else None,
-                                      fneg, fscale, (fa, fb, fc, fd, fe), (p0, p1, p2))
-                        # PV = P @ V_t into lane g of pv[g]
-                        b.li(p0, scores.addr + g * mlen * mlen)
-                        b.li(p1, pv[g].addr(0) + g * d)
-                        with _repeat(b, mlen // blen, f"{name} pv rows"):
-                            b.li(p2, mram.tile(0) + kcol * mlen)
-                            b.mov(p3, p1)
-                            with _repeat(b, d // blen, f"{name} pv cols"):
-                                b.emit("M_MM", 0, p2, p0)
-                                b.emit("M_MM_WO", p3, GP0, 0)
-                                b.add_imm(p2, blen * mlen)
-                                b.add_imm(p3, blen)
-                            b.add_imm(p0, blen * mlen)
-                            b.add_imm(p1, blen * mlen)
-                        # O = O * alpha + PV
-                        b.li(p0, acc[g].addr(0))
-                        b.li(p1, pv[g].addr(0))
-                        b.li(p2, int(state) + 2 * ba * mlen)
-                        with _repeat(b, mlen, f"{name} rescale"):
-                            b.emit("S_LD_FP", fa, p2, 0)
+            for first in range(0, lanes, hpp):
+                grp = list(range(first, min(first + hpp, lanes)))  # lanes of this pass
+                heads = [j * lanes + g for g in grp]
+                kvs = sorted({h // G for h in heads})
+                b.comment(f"{what}: query block {qb}, heads {heads[0]}..{heads[-1]}, kv heads {kvs}")
+                # init state and accumulators
+                b.li(p0, int(state) + M_OFF)
+                with _repeat(b, len(grp) * mlen, f"{name} init m"):
+                    b.emit("S_ST_FP", fneg, p0, 0)
+                    b.emit("S_ST_FP", F0, p0, L_OFF)
+                    b.add_imm(p0, 1)
+                for g in grp:
+                    zero(acc[g])
+                for kb in range(nkb):
+                    if causal and kb > qb:
+                        continue
+                    kind = mask_kind(cfg, causal, qb, kb, nkb, valid_last)
+                    mask = masks[kind] if kind is not None else None
+                    for t in kvs:
+                        strip, kcol = (t * d) // mlen, (t * d) % mlen
+                        b.load_tile(k, kb * mlen, strip * mlen, mram, tile=0)
+                        if batched:
+                            b.li(p0, mram.tile(0) + kcol)
+                            b.li(p1, q.addr(qb * mlen, j))
+                            b.emit("M_BTMM", 0, p0, p1)
+                            b.li(p2, scores.addr)
+                            b.emit("M_BMM_WO", p2, 0)
+                        else:
+                            _tmm_scores(b, name, q.addr(qb * mlen, j), mram.tile(0), scores.addr, (p0, p1, p2, p3))
+                        b.load_tile(v, kb * mlen, strip * mlen, mram, tile=0)
+                        for g in grp:
+                            if (j * lanes + g) // G != t:
+                                continue
+                            gi = g - first
+                            _softmax_rows(b, name, scores.addr + g * mlen * mlen, int(state) + gi * mlen,
+                                          M_OFF, L_OFF, A_ABS - gi * mlen, mask,
+                                          fneg, fscale, (fa, fb, fc, fd, fe), (p0, p1, p2))
+                            # PV = P @ V_t into lane g of pv[g]
+                            b.li(p0, scores.addr + g * mlen * mlen)
+                            b.li(p1, pv[g].addr(0) + g * d)
+                            with _repeat(b, mlen // blen, f"{name} pv rows"):
+                                b.li(p2, mram.tile(0) + kcol * mlen)
+                                b.mov(p3, p1)
+                                with _repeat(b, d // blen, f"{name} pv cols"):
+                                    b.emit("M_MM", 0, p2, p0)
+                                    b.emit("M_MM_WO", p3, GP0, 0)
+                                    b.add_imm(p2, blen * mlen)
+                                    b.add_imm(p3, blen)
+                                b.add_imm(p0, blen * mlen)
+                                b.add_imm(p1, blen * mlen)
+                            # O = O * alpha + PV
+                            b.li(p0, acc[g].addr(0))
+                            b.li(p1, pv[g].addr(0))
+                            b.li(p2, int(state) + A_ABS)
+                            with _repeat(b, mlen, f"{name} rescale"):
+                                b.emit("S_LD_FP", fa, p2, 0)
+                                b.emit("V_MUL_VF", p0, p0, fa, 0)
+                                b.emit("V_ADD_VV", p0, p0, p1, 0)
+                                b.add_imm(p0, mlen)
+                                b.add_imm(p1, mlen)
+                                b.add_imm(p2, 1)
+                # final normalisation and lane merge into the output block (lane 0 writes it)
+                for g in grp:
+                    b.li(p0, acc[g].addr(0))
+                    b.li(p1, out.addr(qb * mlen, j))
+                    b.li(p2, int(state) + (g - first) * mlen + L_OFF)
+                    with _repeat(b, mlen, f"{name} final"):
+                        b.emit("S_LD_FP", fa, p2, 0)
+                        b.emit("S_RECI_FP", fa, fa)
+                        if g == 0:
+                            b.emit("V_MUL_VF", p1, p0, fa, 0)
+                        else:
                             b.emit("V_MUL_VF", p0, p0, fa, 0)
-                            b.emit("V_ADD_VV", p0, p0, p1, 0)
-                            b.add_imm(p0, mlen)
-                            b.add_imm(p1, mlen)
-                            b.add_imm(p2, 1)
-            # final normalisation and lane merge into the output block
-            for g in range(lanes):
-                b.li(p0, acc[g].addr(0))
-                b.li(p1, out.addr(qb * mlen, j))
-                b.li(p2, int(state) + g * mlen + L_OFF)
-                with _repeat(b, mlen, f"{name} final"):
-                    b.emit("S_LD_FP", fa, p2, 0)
-                    b.emit("S_RECI_FP", fa, fa)
-                    if g == 0:
-                        b.emit("V_MUL_VF", p1, p0, fa, 0)
-                    else:
-                        b.emit("V_MUL_VF", p0, p0, fa, 0)
-                        b.emit("V_ADD_VV", p1, p1, p0, 0)
-                    b.add_imm(p0, mlen)
-                    b.add_imm(p1, mlen)
-                    b.add_imm(p2, 1)
+                            b.emit("V_ADD_VV", p1, p1, p0, 0)
+                        b.add_imm(p0, mlen)
+                        b.add_imm(p1, mlen)
+                        b.add_imm(p2, 1)
     b.free(fneg, fscale, fa, fb, fc, fd, fe, *gps)
     return _finish(b, out, store)
 

@@ -23,7 +23,7 @@ from plena.config import (LATENCY_TABLES, PRECISION_TABLES, PlenaConfig, load_co
 from plena.isa.memfile import format_mem
 from plena.numerics.bf16 import bf16_bits_to_f32_np
 from plena.numerics.formats import FloatType, IntType, MxFormat, PlainFormat
-from plena.numerics.mx import mx_decode_np
+from plena.numerics import codec
 
 __all__ = [
     "BuildError", "VramRegion", "MramRegion", "HbmTensor", "SramSlot", "Stage", "Program",
@@ -126,17 +126,24 @@ class HbmTensor:
         return 1 if self.use == "kv" else 0
 
     @property
+    def elem_bits(self) -> int:
+        """Bits per element (8 for MXFP8; sub-byte elements are packed, spec §2.9(b))."""
+        return self.fmt.elem_bits
+
+    @property
     def elem_bytes(self) -> int:
-        """Bytes per element (1 for MXFP8)."""
-        return self.fmt.elem.width // 8
+        """Bytes per element (1 for MXFP8; 0 for sub-byte elements)."""
+        return self.elem_bits // 8
 
     @property
     def row_bytes(self) -> int:
         """Row pitch in bytes (the STRIDE register value)."""
-        return self.cols * self.elem_bytes
+        return self.cols * self.elem_bits // 8
 
     @property
     def scale_row_bytes(self) -> int:
+        if not isinstance(self.fmt, MxFormat):
+            return 0  # Plain formats have no scale stream
         return self.cols // self.fmt.block * (self.fmt.scale.width // 8)
 
     @property
@@ -154,7 +161,7 @@ class HbmTensor:
 
     def offset(self, row: int, col: int = 0) -> int:
         """Byte offset of element (row, col) from ``addr`` (the gp offset of a transfer)."""
-        return row * self.row_bytes + col * self.elem_bytes
+        return row * self.row_bytes + col * self.elem_bits // 8
 
     def scale_address(self, row: int, col: int = 0) -> int:
         """Absolute byte address of the scale of the block holding element (row, col)."""
@@ -398,9 +405,12 @@ class Program:
         raw = np.zeros(t.nbytes, np.uint8)
         have = hbm[t.addr: t.addr + t.nbytes]
         raw[: len(have)] = have
-        elem = raw[: t.rows * t.row_bytes].reshape(t.rows, t.cols)
+        elem = codec.unpack_codes_np(raw[: t.rows * t.row_bytes].reshape(t.rows, t.row_bytes),
+                                     t.elem_bits, t.cols)
+        if not isinstance(t.fmt, MxFormat):
+            return codec.decode_np(elem, t.fmt.data)
         scale = raw[t.scale_offset: t.scale_offset + t.rows * t.scale_row_bytes].reshape(t.rows, -1)
-        return mx_decode_np(elem, scale, t.fmt)
+        return codec.mx_decode_np(elem, scale, t.fmt)
 
     def read_fpsram(self, result, slot) -> np.ndarray:
         """f32 values of an FP SRAM block (by name or slot) after ``result``."""

@@ -22,6 +22,14 @@ from .primitives import (fpsram, matmul_tiles, mx_qdq, red_max_into, red_sum_int
                          s_max, s_mul, s_reci, s_sub, v_add, v_exp, v_mul, v_sub, vram)
 from .quant import Policy
 
+
+def mask_kind(cfg, causal: bool, qb: int, kb: int, nkb: int, valid_last: int):
+    """Which score mask the program adds to query block ``qb`` x key block ``kb`` (``None`` or
+    ``(diag, valid)``, as :func:`plena.frontend.ops_attention.mask_kind`)."""
+    diag = bool(causal and kb == qb)
+    valid = valid_last if kb == nkb - 1 else cfg.mlen
+    return None if not diag and valid == cfg.mlen else (diag, valid)
+
 __all__ = ["BTMM_SCALE", "btmm_scores", "flash_attention"]
 
 BTMM_SCALE = 0.25
@@ -51,6 +59,9 @@ def flash_attention(q, k, v, *, cfg, num_heads: int, num_kv_heads: int, head_dim
         mn = s_max(red_max(-inf, s), m); alpha = s_exp(s_sub(m, mn))
         p = vram(exp(vram(s - mn))); l = s_add(s_mul(l, alpha), red_sum(0, p))
         o = vram(vram(o * alpha) + matmul_tiles(p, V_t))
+    Sequences that are not whole MLEN blocks are padded (zero query rows, dropped at the end;
+    zero keys masked to -inf with the same ``(diag, valid)`` masks as the program, see
+    :func:`mask_kind`);
     then ``y = vram(o * s_reci(l))`` (``vram(y + 0)`` for the lane merge when BA heads share a
     column block)."""
     mlen, hlen = cfg.mlen, cfg.hlen
@@ -64,11 +75,22 @@ def flash_attention(q, k, v, *, cfg, num_heads: int, num_kv_heads: int, head_dim
     km = mx_qdq(jnp.asarray(k, jnp.float32), None, policy, "hbm_kv")
     vm = mx_qdq(jnp.asarray(v, jnp.float32), None, policy, "hbm_kv")
     S, Skv = q.shape[0], km.shape[0]
+    s_pad, nkb = -(-S // mlen) * mlen, -(-Skv // mlen)
+    valid_last = Skv - (nkb - 1) * mlen
+    # whole blocks: padded query rows (zeros; computed, then dropped) and keys (masked to -inf)
+    q = jnp.pad(q, ((0, s_pad - S), (0, 0)))
+    km = jnp.pad(km, ((0, nkb * mlen - Skv), (0, 0)))
+    vm = jnp.pad(vm, ((0, nkb * mlen - Skv), (0, 0)))
     fscale = fpsram(scale / BTMM_SCALE if batched else scale, policy)
     idx = jnp.arange(mlen)
-    mask = jnp.where(idx[None, :] > idx[:, None], -jnp.inf, 0.0).astype(jnp.float32)
+
+    def mask_of(kind):  # see plena.frontend.ops_attention.mask_kind
+        diag, valid = kind
+        lim = jnp.minimum(idx if diag else jnp.full((mlen,), mlen - 1), valid - 1)
+        return jnp.where(idx[None, :] > lim[:, None], -jnp.inf, 0.0).astype(jnp.float32)
+
     out_blocks = []
-    for qb in range(S // mlen):
+    for qb in range(s_pad // mlen):
         qrows = q[qb * mlen:(qb + 1) * mlen]
         heads_out = []
         for h in range(H):
@@ -77,9 +99,10 @@ def flash_attention(q, k, v, *, cfg, num_heads: int, num_kv_heads: int, head_dim
             m = jnp.full((mlen,), -jnp.inf, jnp.float32)
             l = jnp.zeros((mlen,), jnp.float32)
             o = jnp.zeros((mlen, d), jnp.float32)
-            for kb in range(Skv // mlen):
+            for kb in range(nkb):
                 if causal and kb > qb:
                     continue
+                kind = mask_kind(cfg, causal, qb, kb, nkb, valid_last)
                 kt = km[kb * mlen:(kb + 1) * mlen, t * d:(t + 1) * d]
                 vt = vm[kb * mlen:(kb + 1) * mlen, t * d:(t + 1) * d]
                 if batched:
@@ -87,8 +110,8 @@ def flash_attention(q, k, v, *, cfg, num_heads: int, num_kv_heads: int, head_dim
                 else:  # M_TMM over the MLEN dims, M_MM_WO
                     s = matmul_tiles(qh, kt.T, cfg, policy)
                 s = v_mul(s, fscale, policy)
-                if causal and kb == qb:
-                    s = v_add(s, mask, policy)
+                if kind is not None:
+                    s = v_add(s, mask_of(kind), policy)
                 mx = red_max_into(jnp.full((mlen,), -jnp.inf, jnp.float32), s, policy)
                 mn = s_max(mx, m, policy)
                 alpha = s_exp(s_sub(m, mn, policy), policy)
@@ -103,4 +126,4 @@ def flash_attention(q, k, v, *, cfg, num_heads: int, num_kv_heads: int, head_dim
                 y = v_add(y, 0.0, policy)
             heads_out.append(y)
         out_blocks.append(jnp.concatenate(heads_out, axis=-1))
-    return jnp.concatenate(out_blocks, axis=0)
+    return jnp.concatenate(out_blocks, axis=0)[:S]

@@ -41,7 +41,7 @@ from jax import lax
 
 from plena.numerics import unary
 from plena.numerics.bf16 import f32_to_bf16_bits, f32_to_bf16_bits_reg
-from plena.numerics.formats import MxFormat
+from plena.numerics.formats import MxFormat, PlainFormat
 from plena.numerics.reduce import torch_sum
 
 from .quant import HBM_POINTS, Policy, q
@@ -87,7 +87,9 @@ def fpsram(x, policy: Optional[Policy] = None) -> jnp.ndarray:
 
 def mx_qdq(x, fmt: Optional[MxFormat] = None, policy: Optional[Policy] = None,
            point: str = "hbm_act") -> jnp.ndarray:
-    """MX quantise-dequantise along the last axis (blocks of ``fmt.block``): the value an HBM
+    """HBM quantise-dequantise along the last axis (MX: blocks of ``fmt.block``; a Plain format:
+    RNE to its type, :mod:`plena.numerics.codec`), in the format the policy (from the config's
+    precision tables, ``Policy.hardware(cfg)``) gives the point: the value an HBM
     round trip leaves, ``decode(encode(x))`` with the hardware encoder (H_STORE_V, spec §2.9(d))
     and decoder (H_PREFETCH_V / H_PREFETCH_M, §2.9(c)). The result is f32 (MRAM keeps it as is;
     a VRAM destination rounds it again, see :func:`vram`).
@@ -98,8 +100,8 @@ def mx_qdq(x, fmt: Optional[MxFormat] = None, policy: Optional[Policy] = None,
     policy = _policy(policy)
     if point not in HBM_POINTS:
         raise ValueError(f"mx_qdq: point must be one of {HBM_POINTS}, got {point!r}")
-    if fmt is not None and not isinstance(fmt, MxFormat):
-        raise TypeError(f"mx_qdq: fmt must be an MxFormat or None, got {type(fmt).__name__} "
+    if fmt is not None and not isinstance(fmt, (MxFormat, PlainFormat)):
+        raise TypeError(f"mx_qdq: fmt must be an MxFormat, a PlainFormat or None, got {type(fmt).__name__} "
                         "(the signature is mx_qdq(x, fmt, policy, point))")
     if fmt is not None and fmt != policy.format(point):
         policy = policy.with_format(point, fmt)

@@ -50,12 +50,13 @@ from jax import lax
 
 from plena.numerics.bf16 import (bf16_bits_to_f32, f16_bits_to_bf16_bits, f32_to_bf16_bits,
                                  f32_to_bf16_bits_reg)
-from plena.numerics.formats import MXFP8, MxFormat
+from plena.numerics import codec
+from plena.numerics.formats import BF16, MXFP8, DataType, FloatType, MxFormat, PlainFormat
 from plena.numerics.mx import mx_decode, mx_encode
 
 __all__ = [
     "HARDWARE", "FP32", "MODES", "POINTS", "HBM_POINTS", "Policy", "q", "straight_through",
-    "round_vram", "round_fpreg", "round_fpsram_preload", "mx_round",
+    "round_vram", "round_fpreg", "round_fpsram_preload", "mx_round", "vram_round", "fpreg_round",
 ]
 
 HARDWARE = "hardware"
@@ -84,6 +85,13 @@ class Policy:
     act_format: MxFormat = MXFP8
     kv_format: MxFormat = MXFP8
     weight_format: MxFormat = MXFP8
+    #: VECTOR_SRAM_TYPE's data type (the ``vram`` point rounds to it, then to bf16)
+    vram_format: DataType = BF16
+    #: SCALAR_FP (the ``fpreg`` point rounds to it, then to bf16)
+    fpreg_format: DataType = BF16
+    #: MATRIX_SRAM_TYPE's data type (bf16: MRAM keeps the decoded f32 values, as the
+    #: reference; another type rounds the ``hbm_weight`` point's result to it)
+    mram_format: DataType = BF16
 
     def __post_init__(self) -> None:
         for point in POINTS:
@@ -92,8 +100,8 @@ class Policy:
                 raise ValueError(f"quantisation point {point!r}: mode {mode!r} is not one of {MODES}")
         for field in _FORMAT_FIELD.values():
             fmt = getattr(self, field)
-            if not isinstance(fmt, MxFormat):
-                raise TypeError(f"{field} must be an MxFormat, got {fmt!r}")
+            if not isinstance(fmt, (MxFormat, PlainFormat)):
+                raise TypeError(f"{field} must be an MxFormat or PlainFormat, got {fmt!r}")
 
     # ---------------------------------------------------------------- constructors
     @classmethod
@@ -148,7 +156,13 @@ def _formats_of(cfg) -> dict:
         raise NotImplementedError(
             f"HBM_M_KV_TYPE ({p.hbm_m_kv_type}) != HBM_V_KV_TYPE ({p.hbm_v_kv_type}): a KV cache "
             "written by H_STORE_V in one format and read by H_PREFETCH_M in another is not modelled")
-    return dict(act_format=p.hbm_v_act_type, kv_format=p.hbm_v_kv_type, weight_format=p.hbm_m_weight_type)
+    out = dict(act_format=p.hbm_v_act_type, kv_format=p.hbm_v_kv_type, weight_format=p.hbm_m_weight_type,
+               fpreg_format=p.scalar_fp)
+    if isinstance(p.vector_sram_type, PlainFormat):
+        out["vram_format"] = p.vector_sram_type.data
+    if isinstance(p.matrix_sram_type, PlainFormat):
+        out["mram_format"] = p.matrix_sram_type.data
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,15 +186,60 @@ def round_fpsram_preload(x) -> jnp.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def mx_round(fmt: MxFormat):
-    """The f32 -> f32 function ``mx_decode(mx_encode(x, fmt), fmt)`` (blocks along the last
-    axis, whose length must be a multiple of ``fmt.block``). One function object per format,
-    so jit caches and custom_jvp see a stable identity."""
-    def qdq(x):
-        elem, scale = mx_encode(x, fmt)
-        return mx_decode(elem, scale, fmt)
+def mx_round(fmt, mram_format: DataType = BF16):
+    """The f32 -> f32 function an HBM round trip applies (blocks along the last axis, whose
+    length must be a multiple of ``fmt.block``): for MX, ``mx_decode(mx_encode(x, fmt), fmt)``
+    (the hardware encoder; :mod:`plena.numerics.codec` for formats other than 8-bit float
+    elements); for a Plain format the RNE rounding to its data type. With a ``mram_format``
+    other than bf16 the result is further rounded to it (what H_PREFETCH_M leaves in MRAM).
+    One function object per format, so jit caches and custom_jvp see a stable identity."""
+    if isinstance(fmt, MxFormat) and isinstance(fmt.elem, FloatType) and fmt.elem.width == 8 \
+            and fmt.scale == MXFP8.scale:
+        def base(x):
+            elem, scale = mx_encode(x, fmt)
+            return mx_decode(elem, scale, fmt)
+    elif isinstance(fmt, MxFormat):
+        def base(x):
+            return codec.mx_round(x, fmt)
+    else:
+        def base(x):
+            return codec.round_to(x, fmt.data)
+    if _is_bf16(mram_format):
+        qdq = base
+    else:
+        def qdq(x):
+            return codec.round_to(base(x), mram_format)
     qdq.__name__ = f"mx_round[{fmt}]"
     return qdq
+
+
+def _is_bf16(t) -> bool:
+    return isinstance(t, FloatType) and (t.sign, t.exponent, t.mantissa) == (True, 8, 7)
+
+
+@functools.lru_cache(maxsize=None)
+def vram_round(fmt: DataType):
+    """f32 -> f32 VRAM write for VECTOR_SRAM_TYPE data type ``fmt``: the VRAM cast for bf16,
+    else RNE to ``fmt`` (whose values are bf16 values)."""
+    if _is_bf16(fmt):
+        return round_vram
+
+    def fn(x):
+        return round_vram(codec.round_to(x, fmt))
+    fn.__name__ = f"vram_round[{fmt}]"
+    return fn
+
+
+@functools.lru_cache(maxsize=None)
+def fpreg_round(fmt: DataType):
+    """f32 -> f32 fp-register write for SCALAR_FP ``fmt`` (bf16: ``half::bf16::from_f32``)."""
+    if _is_bf16(fmt):
+        return round_fpreg
+
+    def fn(x):
+        return round_fpreg(codec.round_to(x, fmt))
+    fn.__name__ = f"fpreg_round[{fmt}]"
+    return fn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +275,14 @@ def q(x, point: str, policy: Optional[Policy] = None) -> jnp.ndarray:
     x = jnp.asarray(x, jnp.float32)
     if not policy.is_hardware(point) or point == "accum":
         return x
-    fn = mx_round(policy.format(point)) if point in HBM_POINTS else _ROUNDERS[point]
+    if point in HBM_POINTS:
+        fn = mx_round(policy.format(point), policy.mram_format if point == "hbm_weight" else BF16)
+    elif point == "vram":
+        fn = vram_round(policy.vram_format)
+    elif point == "fpreg":
+        fn = fpreg_round(policy.fpreg_format)
+    else:
+        fn = _ROUNDERS[point]
     return straight_through(fn, x)
 
 

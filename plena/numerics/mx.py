@@ -230,8 +230,8 @@ def _check_encode_format(fmt: MxFormat) -> None:
     _check_elem(fmt.elem)
     if not (isinstance(sc, FloatType) and not sc.sign and sc.exponent == 8 and sc.mantissa == 0):
         raise NotImplementedError(
-            f"MX encode of {fmt}: only an unsigned 8-exponent-bit scale (e8m0) is modelled; the "
-            "reference writes the scale through the generic cast, broken for other widths")
+            f"MX encode of {fmt}: only an unsigned 8-exponent-bit scale (e8m0) is modelled here "
+            "(plena.numerics.codec.mx_encode takes other eKm0 scales)")
     if fmt.block < 1:
         raise ValueError(f"{fmt}: block must be positive")
 
@@ -279,10 +279,14 @@ def _minifloat_hw(xp, qbits, el: FloatType):
 
 
 def _check_elem(el) -> None:
-    if not (isinstance(el, FloatType) and el.sign and el.exponent >= 1 and el.width <= 8):
+    if not (isinstance(el, FloatType) and el.sign and 1 <= el.exponent <= 7 and el.width <= 16):
         raise NotImplementedError(
-            f"hardware minifloat quantiser for {el}: only signed FP types of at most 8 bits "
-            "are modelled (MXFP8's e4m3 is the one in use)")
+            f"hardware minifloat quantiser for {el}: only signed FP types of at most 16 bits "
+            "with at most 7 exponent bits are modelled (MXFP8's e4m3 is the one in use)")
+
+
+def _code_dtype(xp, el):
+    return xp.uint8 if el.width <= 8 else xp.uint16
 
 
 @functools.partial(jax.jit, static_argnames="elem")
@@ -290,18 +294,19 @@ def minifloat_hw(q, elem: FloatType) -> jnp.ndarray:
     """Step 4 of §2.9(d) alone: the hardware minifloat code (uint8) of each already-scaled f32
     ``q`` (e4m3: 1.0625 -> 0x38, 0.01 -> 0x07, 300 -> 0x77, NaN -> 0x38, -0.0 -> 0x00)."""
     _check_elem(elem)
-    return _minifloat_hw(jnp, f32_bits(q), elem).astype(jnp.uint8)
+    return _minifloat_hw(jnp, f32_bits(q), elem).astype(_code_dtype(jnp, elem))
 
 
 def minifloat_hw_np(q, elem: FloatType) -> np.ndarray:
     """numpy twin of :func:`minifloat_hw`."""
     _check_elem(elem)
     with np.errstate(all="ignore"):
-        return _minifloat_hw(np, f32_bits_np(q), elem).astype(np.uint8)
+        return _minifloat_hw(np, f32_bits_np(q), elem).astype(_code_dtype(np, elem))
 
 
-def _mx_encode(xp, x, fmt: MxFormat):
-    _check_encode_format(fmt)
+def _mx_encode(xp, x, fmt: MxFormat, check: bool = True):
+    if check:
+        _check_encode_format(fmt)
     sbias = fmt.scale.bias
     xb = _split_blocks(xp, xp.asarray(x, dtype=xp.float32), fmt.block)
     bits = _bits(xp, xb)
@@ -314,7 +319,7 @@ def _mx_encode(xp, x, fmt: MxFormat):
     scale_codes = xp.where(zero_block, 0, e + sbias).astype(xp.uint8)
     q = _ldexp_bits(xp, bits, -e[..., None])
     codes = _minifloat_hw(xp, q, fmt.elem)
-    codes = xp.where(zero_block[..., None], _u32(xp, 0), codes).astype(xp.uint8)
+    codes = xp.where(zero_block[..., None], _u32(xp, 0), codes).astype(_code_dtype(xp, fmt.elem))
     return codes.reshape(codes.shape[:-2] + (-1,)), scale_codes
 
 

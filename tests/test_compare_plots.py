@@ -1,0 +1,78 @@
+"""``plena compare``: two dump folders of a small frontend program, one with a planted
+difference; the text numbers match a direct computation and the PNGs are valid images."""
+
+import json
+import shutil
+
+import matplotlib.image as mpimg
+import numpy as np
+
+from plena.cli import main as cli_main
+from plena.config import default_config
+from plena.frontend import ProgramBuilder
+from plena.frontend import ops_basic as F
+from plena.numerics.bf16 import bf16_bits_to_f32_np
+from plena.verify.dumps import write_dump_dir
+from plena.verify.plots import compare_dump_folders, vram_tensors_from_dumps
+
+CFG = default_config().replace(mlen=16, vlen=16, hlen=4, broadcast_amount=4, blen=8,
+                               hbm_m_prefetch_amount_raw=32, hbm_v_prefetch_amount=4,
+                               hbm_v_writeback_amount=8)
+
+
+def _png_ok(path):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_compare_two_dump_folders(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    b = ProgramBuilder(CFG)
+    x = b.hbm_input("x", rng.standard_normal((8, 32)).astype(np.float32), pad_rows=CFG.hbm_v_prefetch_amount)
+    w = b.hbm_input("w", rng.standard_normal((32, 32)).astype(np.float32) / 6, use="weight",
+                    pad_rows=CFG.hbm_m_prefetch_amount)
+    y = F.linear(b, x, w, name="lin")
+    F.softmax(b, y, name="sm")
+    prog = b.build()
+    res = prog.run()
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    prog.write(a_dir)
+    write_dump_dir(res.dumps(), a_dir)
+    shutil.copytree(a_dir, b_dir)
+    meta = json.loads((a_dir / "tensors.json").read_text())["tensors"]
+    vram_names = [n for n, t in meta.items() if t["kind"] == "vram"]
+    # plant a difference: flip the lowest mantissa bit of element (2, 5) of the linear output
+    target = next(n for n in vram_names if n.startswith("lin"))
+    addr = meta[target]["address"] + 2 * meta[target]["shape"][1] + 5
+    raw = np.fromfile(b_dir / "vram_dump.bin", dtype="<u2")
+    before = raw[addr]
+    raw[addr] ^= 1
+    raw.tofile(b_dir / "vram_dump.bin")
+    want = abs(float(bf16_bits_to_f32_np(np.array([before], np.uint16))[0])
+               - float(bf16_bits_to_f32_np(np.array([raw[addr]], np.uint16))[0]))
+
+    rep, ta, tb = compare_dump_folders(a_dir, b_dir, a_dir / "tensors.json")
+    st = rep[target]
+    assert st.same == st.size - 1 and st.max_abs == want
+    assert rep.first_divergence.index == (2, 5)
+    assert all(rep[n].exact for n in vram_names if n != target)
+    assert np.array_equal(ta[target], vram_tensors_from_dumps(a_dir, meta)[target])
+
+    png = tmp_path / "png"
+    rc = cli_main(["compare", str(a_dir), str(b_dir), "--png", str(png), "--json", str(tmp_path / "c.json")])
+    out = capsys.readouterr().out
+    assert rc == 1
+    line = next(ln for ln in out.splitlines() if ln.startswith(target))
+    assert float(line.split()[3]) == float(f"{want:.6g}")  # max abs column
+    assert "first divergence" in out and "[2, 5]" in out.replace("(2, 5)", "[2, 5]")
+    _png_ok(png / "stage_errors.png")
+    _png_ok(png / "first_divergence.png")
+    blob = json.loads((tmp_path / "c.json").read_text())
+    (only,) = blob.values()
+    assert [s["name"] for s in only["stages"]] == list(ta)
+
+    # identical folders: exit 0, no heat map
+    rc = cli_main(["compare", str(a_dir), str(a_dir), "--png", str(tmp_path / "same")])
+    assert rc == 0 and not (tmp_path / "same" / "first_divergence.png").exists()
+    _png_ok(tmp_path / "same" / "stage_errors.png")
