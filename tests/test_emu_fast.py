@@ -49,7 +49,7 @@ def test_parse_rejects_what_only_the_interpreter_handles():
     from plena.emu_jax.api import load_program
 
     for src in ("C_LOOP_START gp1, 2\nC_BREAK\nC_LOOP_END gp1",  # C_BREAK
-                "C_LOOP_START gp1, 2\nS_ADDI_INT gp1, gp1, 1\nC_LOOP_END gp1",  # body writes its counter
+                "C_LOOP_START gp1, 5\nS_ADDI_INT gp1, gp0, 1\nC_LOOP_END gp1",  # body writes its counter
                 "C_LOOP_START gp1, 2\nC_LOOP_START gp2, 2\nC_LOOP_END gp1\nC_LOOP_END gp2",  # crossed
                 "C_LOOP_START gp1, 0\nC_LOOP_END gp1",  # count 0
                 "C_LOOP_START gp1, 2\nS_ADDI_INT gp2, gp2, 1"):  # never closed
