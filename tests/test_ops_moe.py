@@ -35,7 +35,7 @@ from plena.golden import Policy
 from plena.golden import ops_basic as GB
 from plena.golden import ops_moe as G
 
-from conftest import CONFORMANCE
+from conftest import CONFORMANCE, judge_case_output
 
 CFG = default_config()
 SMALL = CFG.replace(mlen=16, vlen=16, hlen=4, broadcast_amount=4, blen=4,
@@ -402,20 +402,9 @@ def _build_moe_case(name):
 def test_conformance_case_from_its_inputs(name, capsys):
     if not (CONFORMANCE / name / "inputs").is_dir():
         pytest.skip("../shared/conformance is absent")
-    from plena.verify.conformance import bf16_match
-
     case, prog, out, gold = _build_moe_case(name)
-    res = prog.run()
-    sim = out.read(prog, res)
-    golden = case.golden().reshape(sim.shape)
-    cmp = case.comparison
-    ok = bf16_match(golden, sim, cmp["atol"], cmp["rtol"])
-    strict = bf16_match(golden, sim, 0.02, 0.02)
-    up_pct, strict_pct = 100 * ok.mean(), 100 * strict.mean()
-    with capsys.disabled():
-        print(f"\n  {name}: upstream rule (exact) {up_pct:.2f}% (need {cmp['min_match_rate_percent']}%), "
-              f"strict {strict_pct:.2f}%, max abs {np.abs(golden - sim).max():.4g}", end="")
-    assert up_pct >= cmp["min_match_rate_percent"]
+    sim = out.read(prog, prog.run())
+    judge_case_output(name, case, sim, capsys, rule_label="upstream rule (exact)")
     same_bits(gold, sim)
 
 

@@ -838,12 +838,7 @@ class ProgramBuilder:
         what = f"load_tile {getattr(t, 'name', t)!r}[{row0}:{row0 + amount}, {col0}:{col0 + mlen}]"
         row0, col0, tile = (_as_int(v, what) for v in (row0, col0, tile))
         self._range_checks(what, t, row0, col0, amount, mlen)
-        if not isinstance(mram, MramRegion):
-            raise BuildError(f"{what}: {mram!r} is not an MramRegion")
-        ntiles = self.cfg.hbm_m_prefetch_tiles
-        if tile < 0 or tile + ntiles > mram.tiles:
-            raise BuildError(f"{what}: tiles {tile}..{tile + ntiles - 1} are outside {mram.name!r} "
-                             f"({mram.tiles} tiles; one H_PREFETCH_M writes {ntiles})")
+        self._check_mram_target(what, mram, tile)
         self._check_transfer_format(what, t, "m")
         self._check_scales(what, t, row0, col0, amount, amount, mlen, True)
         self.comment(f"{what} -> {mram.name}[{tile}]")
@@ -855,6 +850,15 @@ class ProgramBuilder:
                 self.li(m, mram.tile(tile))
                 self.li(h, t.offset(row0, col0))
                 self._emit("H_PREFETCH_M", (m, h, a, 1, t.funct1), None)
+
+    def _check_mram_target(self, what: str, mram, tile: int) -> None:
+        """The MRAM tiles one H_PREFETCH_M writes from ``tile`` lie inside ``mram``."""
+        if not isinstance(mram, MramRegion):
+            raise BuildError(f"{what}: {mram!r} is not an MramRegion")
+        ntiles = self.cfg.hbm_m_prefetch_tiles
+        if tile < 0 or tile + ntiles > mram.tiles:
+            raise BuildError(f"{what}: tiles {tile}..{tile + ntiles - 1} are outside {mram.name!r} "
+                             f"({mram.tiles} tiles; one H_PREFETCH_M writes {ntiles})")
 
     def load_tile_indexed(self, t: HbmTensor, index: Reg, count: int, rows_per_index: int, row0: int,
                           col0: int, mram: MramRegion, tile: int = 0) -> None:
@@ -871,12 +875,7 @@ class ProgramBuilder:
                                                    (count, rows_per_index, row0, col0, tile))
         if count < 1 or rows_per_index < 0:
             raise BuildError(f"{what}: count must be >= 1 and rows_per_index >= 0")
-        if not isinstance(mram, MramRegion):
-            raise BuildError(f"{what}: {mram!r} is not an MramRegion")
-        ntiles = self.cfg.hbm_m_prefetch_tiles
-        if tile < 0 or tile + ntiles > mram.tiles:
-            raise BuildError(f"{what}: tiles {tile}..{tile + ntiles - 1} are outside {mram.name!r} "
-                             f"({mram.tiles} tiles; one H_PREFETCH_M writes {ntiles})")
+        self._check_mram_target(what, mram, tile)
         for i in range(count):
             r = i * rows_per_index + row0
             self._range_checks(what, t, r, col0, amount, mlen)
