@@ -95,26 +95,30 @@ def _commit(geo: Geometry, name: str, st: MachineState, eff, pc) -> MachineState
     return st._replace(**upd)
 
 
-#: multi-row instructions whose rows are independent: no row reads what another writes, and
-#: they change no register. Their rows are computed together (one vectorised MX decode /
-#: encode) and then written in row order, exactly as the interpreter's micro-steps would.
-ROW_PARALLEL = frozenset({"H_PREFETCH_M", "H_PREFETCH_V", "H_STORE_V"})
+#: multi-row instructions whose rows are independent: no row reads what another row writes.
+#: Their rows are computed together (one vectorised MX decode / encode, one code copy instead
+#: of one per row) and then written in row order, as the interpreter's micro-steps would.
+#: Registers they change (M_MM_WO clears m_acc after its last row) come from the last row.
+ROW_PARALLEL = {"H_PREFETCH_M": (), "H_PREFETCH_V": (), "H_STORE_V": (), "M_MM_WO": ("m_acc",)}
 _ROW_FIELDS = ("vram_row", "vram_data", "mram_tile", "mram_row", "mram_data", "hbm_e_idx", "hbm_e_data",
                "hbm_s_idx", "hbm_s_data", "hbm_rd", "hbm_wr", "err")
 
 
 def _rows_at_once(geo: Geometry, name: str, fn, f: Fields, pc, st: MachineState, nsub: int) -> MachineState:
+    regs = ROW_PARALLEL[name]
+
     def row(i):
         eff = fn(geo, st._replace(pc=pc, sub=i), f)
-        return {k: getattr(eff, k) for k in _ROW_FIELDS}
+        return {k: getattr(eff, k) for k in _ROW_FIELDS}, {k: getattr(eff, k) for k in regs}
 
-    rows = jax.vmap(row)(jnp.arange(nsub, dtype=jnp.int32))
+    rows, last = jax.vmap(row)(jnp.arange(nsub, dtype=jnp.int32))
     base = no_effect(geo, st)
 
     def commit(i, s):
         return _commit(geo, name, s, base._replace(**{k: v[i] for k, v in rows.items()}), pc)
 
-    return lax.fori_loop(0, nsub, commit, st)
+    st = lax.fori_loop(0, nsub, commit, st)
+    return st._replace(**{k: v[-1] for k, v in last.items()})
 
 
 def _instr(geo: Geometry, key: tuple, o, st: MachineState) -> MachineState:
@@ -138,11 +142,11 @@ def _instr(geo: Geometry, key: tuple, o, st: MachineState) -> MachineState:
         eff = fn(geo, s._replace(pc=pc, sub=jnp.asarray(sub, jnp.int32)), f)
         return _commit(geo, spec.mnemonic, s, eff, pc)
 
-    if nsub <= UNROLL_MICRO:
+    if nsub > 1 and spec.mnemonic in ROW_PARALLEL:
+        st = _rows_at_once(geo, spec.mnemonic, fn, f, pc, st, nsub)
+    elif nsub <= UNROLL_MICRO:
         for sub in range(nsub):
             st = micro(sub, st)
-    elif spec.mnemonic in ROW_PARALLEL:
-        st = _rows_at_once(geo, spec.mnemonic, fn, f, pc, st, nsub)
     else:
         st = lax.fori_loop(0, nsub, micro, st)
     # Materialise the instruction's results before the next one starts: otherwise XLA may
