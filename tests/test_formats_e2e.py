@@ -1,6 +1,7 @@
 """Non-default precision tables end to end: the emulator and the hardware golden stay
-bit-identical (sub-byte MX, MXINT, other blocks, Plain HBM, narrower VRAM / SCALAR_FP), and
-check_formats names the key of a table it cannot honour."""
+bit-identical (sub-byte MX, MXINT, other blocks, Plain HBM, narrower VRAM / SCALAR_FP, VRAM /
+SCALAR_FP wider than bf16 in the f32 container, 16-bit H_STORE_V), dumps follow the formats,
+and check_formats names the key of a table it cannot honour."""
 
 import dataclasses
 
@@ -84,9 +85,81 @@ def test_linear_rmsnorm_store_bit_exact(name):
 
 def test_check_formats_names_the_key():
     with pytest.raises(UnsupportedFormat, match="VECTOR_SRAM_TYPE"):
-        check_formats(_cfg(vector_sram_type=PlainFormat(FloatType(True, 5, 10))))
+        check_formats(_cfg(vector_sram_type=PlainFormat(FloatType(True, 9, 10))))  # beyond f32
+    with pytest.raises(UnsupportedFormat, match="VECTOR_SRAM_TYPE"):
+        check_formats(_cfg(vector_sram_type=PlainFormat(IntType(32))))
     with pytest.raises(UnsupportedFormat, match="SCALAR_FP"):
-        check_formats(_cfg(scalar_fp=FloatType(True, 8, 23)))
+        check_formats(_cfg(scalar_fp=FloatType(True, 11, 20)))
     with pytest.raises(UnsupportedFormat, match="HBM_V_ACT_TYPE"):
-        check_formats(_cfg(hbm_v_act_type=PlainFormat(FloatType(True, 8, 7))))  # 16-bit store
-    check_formats(_cfg(hbm_m_weight_type=PlainFormat(FloatType(True, 8, 7))))  # 16-bit loads are fine
+        check_formats(_cfg(hbm_v_act_type=PlainFormat(FloatType(True, 9, 22))))  # beyond f32
+    # wider than bf16: now honoured (f32 containers, wide H_STORE_V slots)
+    check_formats(WIDE)
+    check_formats(_cfg(vector_sram_type=PlainFormat(FloatType(True, 8, 23)), scalar_fp=FloatType(True, 5, 10),
+                       hbm_v_act_type=PlainFormat(FloatType(True, 8, 23))))
+
+
+# fp16 (e5m10) VRAM and MRAM, fp32 (e8m23) scalar unit, 16-bit Plain fp16 activations in HBM
+# (H_STORE_V / H_PREFETCH_V of 2-byte elements), MXFP8 weights and KV.
+WIDE = _cfg(vector_sram_type=PlainFormat(FloatType(True, 5, 10)),
+            matrix_sram_type=PlainFormat(FloatType(True, 5, 10)),
+            scalar_fp=FloatType(True, 8, 23),
+            hbm_v_act_type=PlainFormat(FloatType(True, 5, 10)))
+
+
+def test_wide_vram_scalar_and_16bit_store_bit_exact(tmp_path):
+    """Linear -> RMSNorm -> softmax (V_EXP_V on f32-held operands, S_SQRT/S_RECI in e8m23)
+    -> 16-bit store: emulator == hardware golden bit for bit, containers are u32, and the
+    dumps have the documented layouts."""
+    from plena.emu_jax.state import fp_container, vram_container
+    from plena.verify.dumps import read_dump_dir, write_dump_dir
+
+    cfg = WIDE
+    assert vram_container(cfg) == np.uint32 and fp_container(cfg) == np.uint32
+    assert vram_container(BASE) == np.uint16 and fp_container(BASE) == np.uint16  # default unchanged
+    rng = np.random.default_rng(1)
+    M, K, N = 8, 2 * cfg.mlen, 2 * cfg.mlen
+    x = rng.standard_normal((M, K)).astype(np.float32) * 3
+    w = (rng.standard_normal((K, N)) / np.sqrt(K)).astype(np.float32)
+    b = ProgramBuilder(cfg)
+    xt = b.hbm_input("x", x, pad_rows=cfg.hbm_v_prefetch_amount)
+    wt = b.hbm_input("w", w, use="weight", pad_rows=cfg.hbm_m_prefetch_amount)
+    y = F.linear(b, xt, wt)
+    z = F.rms_norm(b, y)
+    out = b.hbm_output("out", M, N)
+    s = F.softmax(b, z, store=out)
+    prog = b.build()
+    res = prog.run()
+    assert res.state.vram.dtype == np.uint32 and res.state.fp.dtype == np.uint32
+    assert res.state.fpsram.dtype == np.uint32
+
+    pol = Policy.hardware(cfg)
+    yg = G.linear(G.from_hbm(x, pol), w, cfg=cfg, policy=pol)
+    zg = G.rms_norm(yg, cfg=cfg, policy=pol)
+    sg = G.softmax(zg, cfg=cfg, policy=pol)
+    og = G.to_hbm(sg, pol)
+    for got, want in ((y.read(prog, res), yg), (z.read(prog, res), zg), (s.read(prog, res), sg),
+                      (prog.read_hbm_output(res, out), og)):
+        assert np.array_equal(_bits(got), _bits(want))
+    # values really are fp16 values, and not all of them bf16 values (the wide container matters)
+    sv = s.read(prog, res)
+    f16 = FloatType(True, 5, 10)
+    assert np.array_equal(_bits(codec.round_to_np(sv, f16)), _bits(sv))
+    assert not np.array_equal(_bits(codec.round_to_np(sv, FloatType(True, 8, 7))), _bits(sv))
+    # the 16-bit store wrote 2 bytes per element: the output row is the fp16 codes, LE
+    raw = np.asarray(res.state.hbm)[out.addr: out.addr + M * N * 2]
+    assert np.array_equal(raw.view("<u2").reshape(M, N), codec.encode_np(og, f16).astype(np.uint16))
+
+    # dumps: VRAM and MRAM as packed fp16 codes (2 bytes / element), FP SRAM as f32
+    d = res.dumps()
+    assert d.vram_type == f16 and d.mram_type == f16 and d.fpsram.dtype == np.uint32
+    write_dump_dir(d, tmp_path)
+    assert (tmp_path / "vram_dump.bin").stat().st_size == d.vram.size * 2
+    assert (tmp_path / "mram_dump.bin").stat().st_size == d.mram.size * 2
+    assert (tmp_path / "fpsram_dump.bin").stat().st_size == 4096
+    vcodes = np.fromfile(tmp_path / "vram_dump.bin", "<u2")
+    assert np.array_equal(codec.decode_np(vcodes, f16).view(np.uint32), d.vram)
+    back = read_dump_dir(tmp_path, cfg=cfg, mmap=False)
+    for name in ("vram", "mram", "fpsram", "intsram"):
+        assert np.array_equal(np.asarray(getattr(back, name)), np.asarray(getattr(d, name))), name
+    mram = np.asarray(res.state.mram[:-1]).reshape(-1)
+    assert np.array_equal(codec.decode_np(d.mram, f16).view(np.uint32), mram.view(np.uint32))

@@ -30,8 +30,7 @@ from plena.emu_jax.plan import Plan, plan_program
 from plena.emu_jax.state import Geometry, MachineState, init_state
 from plena.isa.encoding import DecodedProgram, decode_program
 from plena.isa.opcodes import BY_MNEMONIC, OPCODES, mnemonic_of
-from plena.numerics.bf16 import f32_to_bf16_bits_np
-from plena.verify.dumps import Dumps
+from plena.verify.dumps import Dumps, dump_types, mram_dump_bits
 
 UNKNOWN_VRAM_ROWS = 1 << 16  # window used when the pre-pass cannot bound VRAM writes
 UNKNOWN_HBM_BYTES = 1 << 28
@@ -92,14 +91,18 @@ class RunResult:
     executor: str = "interpreter"  # which executor ran the program
 
     def vram_bits(self) -> np.ndarray:
-        """VRAM window as flat bf16 bits (rows past the window are all zero)."""
+        """VRAM window as flat container bits (rows past the window are all zero): bf16 bits
+        (u16), or f32 bits (u32) when VECTOR_SRAM_TYPE is wider than bf16."""
         return np.asarray(self.state.vram[:-1]).reshape(-1)
 
     def dumps(self, *, with_hbm: bool = False) -> Dumps:
+        """The dump contents (:class:`plena.verify.dumps.Dumps`; non-default formats as
+        described there and in docs/formats.md)."""
         mram = np.asarray(self.state.mram[:-1]).reshape(-1)
-        return Dumps(vram=self.vram_bits(), mram=f32_to_bf16_bits_np(mram),
+        return Dumps(vram=self.vram_bits(), mram=mram_dump_bits(mram, self.cfg),
                      fpsram=np.asarray(self.state.fpsram), intsram=np.asarray(self.state.intsram),
-                     hbm=np.asarray(self.state.hbm[: self.geometry.hbm_bytes]) if with_hbm else None)
+                     hbm=np.asarray(self.state.hbm[: self.geometry.hbm_bytes]) if with_hbm else None,
+                     **dump_types(self.cfg))
 
     @property
     def instr_per_s(self) -> float:
@@ -119,10 +122,20 @@ class Inputs:
     """Validated preloads in machine formats."""
 
     hbm: np.ndarray  # u8
-    fpsram: np.ndarray | None  # u16 bf16 bits
+    fpsram: np.ndarray | None  # u16 bf16 bits (or u32 f32 bits)
     intsram: np.ndarray | None  # u32
-    vram: np.ndarray | None  # u16 bf16 bits
+    vram: np.ndarray | None  # u16 bf16 bits (or u32 f32 bits)
     capacity: int
+
+
+def _bits16or32(data) -> np.ndarray:
+    """Preload bits: f32 bits (u32) when given as uint32 or float32, else bf16 bits (u16)."""
+    a = np.asarray(data)
+    if a.dtype == np.float32:
+        return a.view(np.uint32).reshape(-1)
+    if a.dtype == np.uint32:
+        return a.reshape(-1)
+    return a.astype(np.uint16).reshape(-1)
 
 
 def check_inputs(cfg: PlenaConfig, *, hbm=None, fpsram=None, intsram=None, vram=None,
@@ -135,11 +148,11 @@ def check_inputs(cfg: PlenaConfig, *, hbm=None, fpsram=None, intsram=None, vram=
     if len(hbm_arr) > capacity:
         raise LoadError(f"HBM preload ({len(hbm_arr)} bytes) is larger than HBM ({capacity} bytes)")
     ints = None if intsram is None else np.asarray(intsram, np.uint32).reshape(-1)
-    fps = None if fpsram is None else np.asarray(fpsram, np.uint16).reshape(-1)
+    fps = None if fpsram is None else _bits16or32(fpsram)
     for name, arr in (("FP SRAM", fps), ("INT SRAM", ints)):
         if arr is not None and len(arr) > 1024:
             raise LoadError(f"{name} preload has {len(arr)} entries (at most 1024)")
-    vr = None if vram is None else np.asarray(vram, np.uint16).reshape(-1)
+    vr = None if vram is None else _bits16or32(vram)
     return Inputs(hbm_arr, fps, ints, vr, capacity)
 
 
@@ -184,7 +197,9 @@ def run(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsram=None, intsr
         hbm_size: int | None = None, max_steps: int | None = None, executor: str = "auto",
         progress=None, fast_options: dict | None = None) -> RunResult:
     """Run a program (words, a DecodedProgram) with preloads already in machine formats:
-    hbm bytes, fpsram bf16 bits (u16), intsram u32, vram bf16 bits (u16 elements).
+    hbm bytes, fpsram bf16 bits (u16), intsram u32, vram bf16 bits (u16 elements); fpsram and
+    vram may also be f32 bits (u32) or float32 values, converted to the containers the config
+    chooses (docs/formats.md).
 
     ``executor``: "interpreter" (the reference interpreter), "fast" or "auto" (the
     specialising executor, :mod:`plena.emu_jax.fast`, whenever the program is well-formed and

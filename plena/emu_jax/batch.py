@@ -34,8 +34,7 @@ from plena.emu_jax.ops_hbm import check_formats
 from plena.emu_jax.plan import plan_program
 from plena.emu_jax.state import MachineState, init_state
 from plena.isa.encoding import DecodedProgram
-from plena.verify.dumps import Dumps
-from plena.numerics.bf16 import f32_to_bf16_bits_np
+from plena.verify.dumps import Dumps, dump_types, mram_dump_bits
 
 DATA_FIELDS = ("fp", "fpsram", "vram", "mram", "hbm", "m_acc", "v_acc", "hm_acc", "hv_acc")  # batched
 
@@ -80,9 +79,9 @@ class BatchResult:
     def dumps(self, i: int, *, with_hbm: bool = False) -> Dumps:
         s = self.state
         return Dumps(vram=np.asarray(s.vram[i, :-1]).reshape(-1),
-                     mram=f32_to_bf16_bits_np(np.asarray(s.mram[i, :-1]).reshape(-1)),
+                     mram=mram_dump_bits(np.asarray(s.mram[i, :-1]).reshape(-1), self.cfg),
                      fpsram=np.asarray(s.fpsram[i]), intsram=np.asarray(s.intsram),
-                     hbm=np.asarray(s.hbm[i]) if with_hbm else None)
+                     hbm=np.asarray(s.hbm[i]) if with_hbm else None, **dump_types(self.cfg))
 
 
 def _stack_states(states: list[MachineState]) -> MachineState:

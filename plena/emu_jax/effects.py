@@ -45,16 +45,16 @@ class Effect(NamedTuple):
     hm_acc: jnp.ndarray  # f32[BA, MLEN, MLEN]
     next_pc: jnp.ndarray
     vram_row: jnp.ndarray  # window row (the spare row = no write)
-    vram_data: jnp.ndarray  # u16[VLEN]
+    vram_data: jnp.ndarray  # VRAM container [VLEN] (u16 bf16 bits; u32 f32 bits if wide)
     mram_tile: jnp.ndarray  # the spare tile = no write
     mram_row: jnp.ndarray
     mram_data: jnp.ndarray  # f32[MLEN]
     hbm_e_idx: jnp.ndarray  # HBM window index of the element write (spare tail = no write)
-    hbm_e_data: jnp.ndarray  # u8[VLEN]
+    hbm_e_data: jnp.ndarray  # u8[hbm_elem_slot(geo)] (VLEN for elements of <= 8 bits)
     hbm_s_idx: jnp.ndarray
     hbm_s_data: jnp.ndarray  # u8[VLEN // block]
     fps_idx: jnp.ndarray  # i32[8] (>= 1024 = no write)
-    fps_val: jnp.ndarray  # u16[8]
+    fps_val: jnp.ndarray  # fp container [8] (u16 bf16 bits; u32 f32 bits if SCALAR_FP is wide)
     ints_idx: jnp.ndarray
     ints_val: jnp.ndarray  # u32[8]
     hbm_rd: jnp.ndarray  # u32 blocks read by this step
@@ -64,8 +64,19 @@ class Effect(NamedTuple):
 
 
 def hbm_scale_bytes(geo: Geometry) -> int:
-    fmt = geo.cfg.precision.hbm_v_act_type
-    return max(1, geo.cfg.vlen // getattr(fmt, "block", geo.cfg.vlen))
+    """Bytes of the H_STORE_V scale write slot: the most scale bytes one VLEN row of
+    HBM_V_ACT_TYPE or HBM_V_KV_TYPE has (at least 1; Plain formats have none)."""
+    p, vlen = geo.cfg.precision, geo.cfg.vlen
+    return max([1] + [vlen // f.block * f.scale.width // 8 for f in (p.hbm_v_act_type, p.hbm_v_kv_type)
+                      if hasattr(f, "block")])
+
+
+def hbm_elem_slot(geo: Geometry) -> int:
+    """Bytes of the H_STORE_V element write slot: one VLEN-element row of the widest HBM_V_*
+    element type, at least VLEN (the default, 8-bit elements); at most 4*VLEN (32 bits)."""
+    p, vlen = geo.cfg.precision, geo.cfg.vlen
+    widths = [getattr(f, "elem", None) or f.data for f in (p.hbm_v_act_type, p.hbm_v_kv_type)]
+    return max(vlen, max(vlen * w.width // 8 for w in widths))
 
 
 def no_effect(geo: Geometry, st: MachineState) -> Effect:
@@ -77,13 +88,13 @@ def no_effect(geo: Geometry, st: MachineState) -> Effect:
         vmask=st.vmask, loop_pc=st.loop_pc, loop_reg=st.loop_reg, loop_cnt=st.loop_cnt,
         loop_sp=st.loop_sp, m_acc=st.m_acc, v_acc=st.v_acc, hv_acc=st.hv_acc,
         hm_acc=st.hm_acc, next_pc=st.pc + 1,
-        vram_row=jnp.int32(geo.vram_rows), vram_data=jnp.zeros(c.vlen, jnp.uint16),
+        vram_row=jnp.int32(geo.vram_rows), vram_data=jnp.zeros(c.vlen, geo.vram_container),
         mram_tile=jnp.int32(geo.mram_tiles), mram_row=jnp.int32(0),
         mram_data=jnp.zeros(c.mlen, jnp.float32),
-        hbm_e_idx=jnp.int32(geo.hbm_bytes), hbm_e_data=jnp.zeros(c.vlen, jnp.uint8),
+        hbm_e_idx=jnp.int32(geo.hbm_bytes), hbm_e_data=jnp.zeros(hbm_elem_slot(geo), jnp.uint8),
         hbm_s_idx=jnp.int32(geo.hbm_bytes + c.vlen + 64),
         hbm_s_data=jnp.zeros(hbm_scale_bytes(geo), jnp.uint8),
-        fps_idx=no_sram, fps_val=jnp.zeros(TOPK_MAX, jnp.uint16),
+        fps_idx=no_sram, fps_val=jnp.zeros(TOPK_MAX, geo.fp_container),
         ints_idx=no_sram, ints_val=jnp.zeros(TOPK_MAX, jnp.uint32),
         hbm_rd=jnp.uint32(0), hbm_wr=jnp.uint32(0), topk_e=jnp.int32(0), err=jnp.int32(0),
     )

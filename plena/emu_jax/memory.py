@@ -12,8 +12,8 @@ from jax import lax
 from plena.emu_jax.errors import Err
 from plena.emu_jax.state import SRAM_WORDS, Geometry, MachineState
 from plena.numerics import codec
-from plena.numerics.bf16 import bf16_bits_to_f32, f32_to_bf16_bits, f32_to_bf16_bits_reg
-from plena.numerics.formats import FloatType
+from plena.numerics.bf16 import f32_bits, f32_to_bf16_bits, f32_to_bf16_bits_reg
+from plena.numerics.containers import bits_to_f32, is_bf16, is_wide
 
 U32 = jnp.uint32
 I32 = jnp.int32
@@ -94,7 +94,8 @@ def vram_row(geo: Geometry, addr):
 
 
 def read_rows_bits(geo: Geometry, vram, row, n: int = 1):
-    """n consecutive rows from row (u32) as bf16 bits [n, VLEN]; rows outside the window read 0.
+    """n consecutive rows from row (u32) as container bits [n, VLEN] (u16 bf16 bits, or u32 f32
+    bits for a wide VECTOR_SRAM_TYPE); rows outside the window read 0.
     ``vram`` is the VRAM array or, inside the dispatch, an operand proxy."""
     if hasattr(vram, "vram_rows"):
         return vram.vram_rows(row, n)
@@ -122,7 +123,7 @@ def read_vram(geo: Geometry, st: MachineState, addr, n: int = 1):
     row, err = vram_row(geo, addr)
     if n > 1:
         err = first_err(err, err_if(row + U32(n - 1) >= U32(geo.cfg.vector_sram_size), Err.VRAM_RANGE))
-    return bf16_bits_to_f32(read_rows_bits(geo, st.vram, row, n)), err
+    return bits_to_f32(read_rows_bits(geo, st.vram, row, n)), err
 
 
 def write_target(geo: Geometry, row):
@@ -161,7 +162,7 @@ def tile_rows(geo: Geometry, st: MachineState, tile, r0, n: int):
 
 
 def vram_block(geo: Geometry, st: MachineState, row):
-    """The MLEN VRAM rows from `row` (bf16 bits) that a batched-head product reads."""
+    """The MLEN VRAM rows from `row` (container bits) that a batched-head product reads."""
     if hasattr(st.vram, "vram_block"):
         return st.vram.vram_block(row)
     return rows_window(st.vram, row, geo.cfg.mlen, geo.vram_rows)
@@ -183,11 +184,10 @@ def sram_index(idx, code: Err):
 def fp_read(st: MachineState, r):
     """f32 value of fp register r (0..7; 8..15 is an error)."""
     bad = r >= st.fp.shape[0]
-    return bf16_bits_to_f32(st.fp[jnp.minimum(r, st.fp.shape[0] - 1)]), err_if(bad, Err.FP_REG)
+    return bits_to_f32(st.fp[jnp.minimum(r, st.fp.shape[0] - 1)]), err_if(bad, Err.FP_REG)
 
 
-def _is_bf16(t) -> bool:
-    return isinstance(t, FloatType) and (t.sign, t.exponent, t.mantissa) == (True, 8, 7)
+_is_bf16 = is_bf16
 
 
 def vram_dtype(geo):
@@ -207,20 +207,24 @@ def scalar_fp_dtype(geo):
 
 
 def to_vram_bits(x, geo=None):
-    """f32 -> VRAM container bits (u16 bf16). With VECTOR_SRAM_TYPE = bf16 (or ``geo=None``)
-    this is the VRAM cast of spec §2.9a; for another type (every value of which is a bf16
-    value, checked by :func:`plena.emu_jax.ops_hbm.check_formats`) the value is first rounded
-    to that type (RNE, :func:`plena.numerics.codec.round_to`), then held as bf16 (exact)."""
+    """f32 -> VRAM container bits. With VECTOR_SRAM_TYPE = bf16 (or ``geo=None``) this is the
+    VRAM cast of spec §2.9a (u16). For another type the value is first rounded to that type
+    (RNE, :func:`plena.numerics.codec.round_to`) and then held exactly: as bf16 bits (u16) when
+    every value of the type is a bf16 value, else as f32 bits (u32, the wide container; the
+    choice is static, :mod:`plena.numerics.containers`)."""
     t = vram_dtype(geo)
-    if t is not None:
-        x = codec.round_to(x, t)
-    return f32_to_bf16_bits(x)
+    if t is None:
+        return f32_to_bf16_bits(x)
+    x = codec.round_to(x, t)
+    return f32_bits(x) if is_wide(t) else f32_to_bf16_bits(x)
 
 
 def to_fp_bits(x, geo=None):
-    """f32 -> fp-register bits (u16 bf16): ``half::bf16::from_f32`` for SCALAR_FP = bf16;
-    for another SCALAR_FP type the value is rounded to that type first (then exact in bf16)."""
+    """f32 -> fp-register / FP SRAM container bits: ``half::bf16::from_f32`` for SCALAR_FP =
+    bf16 (u16); another SCALAR_FP rounds to that type first, then holds the value exactly in
+    bf16 bits (u16) or, for a type wider than bf16, in f32 bits (u32)."""
     t = scalar_fp_dtype(geo)
-    if t is not None:
-        x = codec.round_to(x, t)
-    return f32_to_bf16_bits_reg(x)
+    if t is None:
+        return f32_to_bf16_bits_reg(x)
+    x = codec.round_to(x, t)
+    return f32_bits(x) if is_wide(t) else f32_to_bf16_bits_reg(x)

@@ -34,7 +34,16 @@ def slot_sizes(geo: Geometry):
     c = geo.cfg
     rows = max(c.blen, -(-128 // c.vlen), 1)  # M_MM reads BLEN rows, V_TOPK up to 128 logits
     width = max(c.blen, c.hlen)  # tile column block: M_MM/M_MV (BLEN) or M_BTMV (HLEN)
-    return rows, width, max(c.mlen, c.vlen)
+    p = c.precision
+    row_bytes = [c.mlen * _elem_bits(f) // 8 for f in (p.hbm_m_weight_type, p.hbm_m_kv_type)]
+    row_bytes += [c.vlen * _elem_bits(f) // 8 for f in (p.hbm_v_act_type, p.hbm_v_kv_type)]
+    # HBM window: one row of the widest element type (elements of > 8 bits take more bytes
+    # than elements per row; the H_STORE_V merge reads its whole element slot)
+    return rows, width, max(c.mlen, c.vlen, *row_bytes)
+
+
+def _elem_bits(fmt) -> int:
+    return (fmt.elem if hasattr(fmt, "elem") else fmt.data).width
 
 
 class Requests(NamedTuple):
@@ -48,11 +57,11 @@ class Requests(NamedTuple):
 
 
 class Fetched(NamedTuple):
-    vram: jnp.ndarray  # u16[N_VRAM, rows, VLEN]
+    vram: jnp.ndarray  # VRAM container [N_VRAM, rows, VLEN] (u16, or u32 when wide)
     cols: jnp.ndarray  # f32[MLEN, width]
     rows: jnp.ndarray  # f32[BLEN, MLEN]
     hbm: jnp.ndarray  # u8[N_HBM, bytes]
-    block: jnp.ndarray  # u16[MLEN, VLEN]
+    block: jnp.ndarray  # VRAM container [MLEN, VLEN]
     tile: jnp.ndarray  # f32[MLEN, MLEN]
 
 
@@ -65,7 +74,7 @@ class Recorder:
 
     def vram_rows(self, row, n):
         self.vram.append(jnp.asarray(row, U32))
-        return jnp.zeros((n, self.geo.cfg.vlen), jnp.uint16)
+        return jnp.zeros((n, self.geo.cfg.vlen), self.geo.vram_container)
 
     def tile_cols(self, tile, c0, width):
         self.cols.append((jnp.asarray(tile, I32), jnp.asarray(c0, I32)))
@@ -81,7 +90,7 @@ class Recorder:
 
     def vram_block(self, row):
         self.block.append(jnp.asarray(row, U32))
-        return jnp.zeros((self.geo.cfg.mlen, self.geo.cfg.vlen), jnp.uint16)
+        return jnp.zeros((self.geo.cfg.mlen, self.geo.cfg.vlen), self.geo.vram_container)
 
     def tile_full(self, tile):
         self.tile.append(jnp.asarray(tile, I32))

@@ -15,12 +15,12 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-from plena.emu_jax.effects import hbm_scale_bytes, no_effect
+from plena.emu_jax.effects import hbm_elem_slot, hbm_scale_bytes, no_effect
 from plena.emu_jax.errors import Err
 from plena.emu_jax.memory import (U32, add64, blocks_touched, err_if, first_err, hbm_index, past_end64, hbm_read,
                                   mram_tile, read_rows_bits, to_vram_bits, u32, vram_row, write_target)
 from plena.emu_jax.state import Geometry
-from plena.numerics.bf16 import bf16_bits_to_f32
+from plena.numerics.containers import bits_to_f32, container_problem
 from plena.numerics import codec
 from plena.numerics.formats import FloatType, IntType, MxFormat, PlainFormat
 from plena.numerics.minifloat import decode_table
@@ -47,11 +47,12 @@ def check_formats(cfg) -> None:
       Plain Fp (exponent <= 8, mantissa <= 23) or Int, or Mx with a signed Fp (<= 16 bits,
       exponent <= 7) or Int (2..16 bits) element and an 8-bit unsigned power-of-two scale
       (e8m0); elements of any width are packed little-endian, a row must be whole bytes and
-      the block must divide the row. H_STORE_V formats (HBM_V_*) need elements of at most 8
-      bits (one VLEN-byte write slot per row) and at most as many scale bytes per row as
-      HBM_V_ACT_TYPE.
-    * VECTOR_SRAM_TYPE and SCALAR_FP: Plain Fp with exponent <= 8 and mantissa <= 7 (every
-      value is a bf16 value, so the u16 containers stay) or Int of at most 8 bits (VRAM only).
+      the block must divide the row. H_STORE_V formats (HBM_V_*) take elements of up to 32
+      bits; the element and scale write slots are sized from the two formats
+      (:func:`~.effects.hbm_elem_slot`, :func:`~.effects.hbm_scale_bytes`).
+    * VECTOR_SRAM_TYPE (Plain) and SCALAR_FP: Fp with 1..8 exponent and <= 23 mantissa bits, or
+      Int of at most 24 bits (VRAM only). Types that are subsets of bf16 keep the u16 bf16
+      containers; wider ones are held as u32 f32 bits (:mod:`plena.numerics.containers`).
     * MATRIX_SRAM_TYPE: Plain Fp with exponent <= 8 and mantissa <= 23 or Int <= 24 bits (MRAM
       holds f32).
     """
@@ -62,7 +63,6 @@ def check_formats(cfg) -> None:
     def bad(key, fmt, why):
         raise UnsupportedFormat(f"precision {key} = {fmt}: {why} (see docs/formats.md)")
 
-    act_nsc = _scale_bytes(p.hbm_v_act_type, cfg.vlen)
     for name, key in keys.items():
         fmt = getattr(p, name)
         row = cfg.mlen if name.startswith("hbm_m") else cfg.vlen
@@ -85,19 +85,14 @@ def check_formats(cfg) -> None:
                 bad(key, fmt, str(e))
         if (row * el.width) % 8:
             bad(key, fmt, "a row must be a whole number of bytes")
-        if name.startswith("hbm_v"):
-            if el.width > 8:
-                bad(key, fmt, "H_STORE_V writes at most 8-bit elements (one VLEN-byte slot per row)")
-            if _scale_bytes(fmt, cfg.vlen) > act_nsc and act_nsc >= 0:
-                bad(key, fmt, "needs more scale bytes per row than HBM_V_ACT_TYPE")
     v = p.vector_sram_type
-    if not (isinstance(v, PlainFormat) and codec.subset_of_bf16(v.data)
-            and (isinstance(v.data, IntType) or v.data.exponent >= 1)):
-        bad("VECTOR_SRAM_TYPE", v, "VRAM holds bf16 containers: Plain Fp with exponent <= 8 and "
-            "mantissa <= 7, or Int <= 8 bits")
+    why = "VRAM holds Plain types only" if not isinstance(v, PlainFormat) else container_problem(v.data)
+    if why:
+        bad("VECTOR_SRAM_TYPE", v, why)
     sfp = p.scalar_fp
-    if not (isinstance(sfp, FloatType) and codec.subset_of_bf16(sfp) and sfp.exponent >= 1):
-        bad("SCALAR_FP", sfp, "FP registers hold bf16 containers: Fp with exponent <= 8 and mantissa <= 7")
+    why = container_problem(sfp, ints=False)
+    if why:
+        bad("SCALAR_FP", sfp, why)
     m = p.matrix_sram_type
     ok = isinstance(m, PlainFormat) and (
         (isinstance(m.data, FloatType) and 1 <= m.data.exponent <= 8 and m.data.mantissa <= 23)
@@ -238,16 +233,17 @@ def _encode_row(fmt, x, vlen):
 
 def h_store_v(geo, st, f):
     """H_STORE_V: MX-encode (hardware encoder) or, for Plain types, RNE-encode one VRAM row.
-    Sub-byte elements are packed (first element in the low bits); rows whose element or scale
+    Sub-byte elements are packed (first element in the low bits), wider ones (up to 32 bits)
+    take ``bits/8`` bytes each, little-endian; rows whose element or scale
     bytes are fewer than the write slots are merged into the current HBM contents."""
     c = geo.cfg
     fmt0, fmt1 = c.precision.hbm_v_act_type, c.precision.hbm_v_kv_type
     fmts = (fmt0,) if fmt0 == fmt1 else (fmt0, fmt1)
-    slot_e, slot_s = c.vlen, hbm_scale_bytes(geo)
+    slot_e, slot_s = hbm_elem_slot(geo), hbm_scale_bytes(geo)
     row0, err = vram_row(geo, st.gp[f.rd])
     row = row0 + u32(st.sub)
     er = err_if(row >= U32(c.vector_sram_size), Err.VRAM_RANGE)
-    x = bf16_bits_to_f32(read_rows_bits(geo, st.vram, row)[0])
+    x = bits_to_f32(read_rows_bits(geo, st.vram, row)[0])
     (e_hi, e_lo), (s_hi, s_lo) = _addresses(geo, st, f, fmt0, fmt1, c.vlen)
     old_e = old_s = None
     if any(_row_bytes(m, c.vlen) < slot_e for m in fmts):  # read-modify-write of the slot

@@ -17,7 +17,7 @@ from plena.emu_jax.errors import Err
 from plena.emu_jax.memory import (U32, err_if, first_err, mram_tile, read_rows_bits, read_vram, tile_cols,
                                   tile_full, tile_rows, to_vram_bits, vram_block, u32, vram_row, write_target)
 
-from plena.numerics.bf16 import bf16_bits_to_f32
+from plena.numerics.containers import bits_to_f32
 
 HIGHEST = lax.Precision.HIGHEST
 BMM_SCALE = 0.25  # fixed; no instruction can change it (spec §2.2)
@@ -181,7 +181,7 @@ def _rows_ok(geo, v_addr):
 
 def _batched_rows(geo, st, f):
     """The MLEN VRAM rows at gp[rs2] as f32 [MLEN, VLEN] (fetched outside the dispatch)."""
-    return bf16_bits_to_f32(vram_block(geo, st, st.gp[f.rs2] // U32(geo.cfg.vlen)))
+    return bits_to_f32(vram_block(geo, st, st.gp[f.rs2] // U32(geo.cfg.vlen)))
 
 
 def _batched(geo, st, f, decode, product):

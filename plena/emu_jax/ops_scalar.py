@@ -13,7 +13,7 @@ from plena.emu_jax.errors import Err
 from plena.emu_jax.memory import (to_fp_bits, U32, err_if, first_err, fp_read, sram_index, to_vram_bits,
                                   vram_row, write_target)
 from plena.numerics import unary
-from plena.numerics.bf16 import bf16_bits_to_f32
+from plena.numerics.containers import bits_to_f32
 
 
 # ------------------------------------------------------------------ scalar integer
@@ -84,7 +84,7 @@ def _unary_fp(name):
     def run(geo, st, f):
         bad = err_if(f.rs1 >= st.fp.shape[0], Err.FP_REG)
         bits = st.fp[jnp.minimum(f.rs1, st.fp.shape[0] - 1)]
-        return _fp_write(geo, st, f, unary.apply(name, bits), bad)
+        return _fp_write(geo, st, f, unary.apply_bits(name, bits), bad)
     return run
 
 
@@ -119,7 +119,7 @@ def s_map_v_fp(geo, st, f):
     row, e_row = vram_row(geo, st.gp[f.rd])
     target, e_win = write_target(geo, row)
     e = no_effect(geo, st)
-    return e._replace(vram_row=target, vram_data=to_vram_bits(bf16_bits_to_f32(vals), geo),
+    return e._replace(vram_row=target, vram_data=to_vram_bits(bits_to_f32(vals), geo),
                       err=first_err(window, e_row, e_win))
 
 

@@ -16,7 +16,7 @@ from plena.emu_jax.memory import (to_fp_bits, U32, err_if, first_err, fp_read, r
                                   sram_index, to_vram_bits, vram_row, write_target)
 from plena.emu_jax.state import TOPK_MAX, Geometry
 from plena.numerics import unary
-from plena.numerics.bf16 import bf16_bits_to_f32
+from plena.numerics.containers import bits_to_f32
 from plena.numerics.reduce import torch_sum
 
 
@@ -75,8 +75,8 @@ def _unary_row(name: str, masked_off: str):
     def run(geo, st, f):
         row, err = vram_row(geo, st.gp[f.rs1])
         bits = read_rows_bits(geo, st.vram, row)[0]
-        r = unary.apply(name, bits)
-        keep = unary.apply(masked_off, bits) if masked_off != "identity" else bf16_bits_to_f32(bits)
+        r = unary.apply_bits(name, bits)
+        keep = unary.apply_bits(masked_off, bits) if masked_off != "identity" else bits_to_f32(bits)
         return _write_row(geo, st, f, jnp.where(head_mask(geo, st, f), r, keep), err)
     return run
 
@@ -157,7 +157,7 @@ def v_topk(geo, st, f):
         nrows = -(-experts // c.vlen)
         row, err = vram_row(geo, base)
         err = first_err(err, err_if(row + U32(nrows - 1) >= U32(c.vector_sram_size), Err.VRAM_RANGE))
-        logits = bf16_bits_to_f32(read_rows_bits(geo, st.vram, row, nrows)).reshape(-1)[:experts]
+        logits = bits_to_f32(read_rows_bits(geo, st.vram, row, nrows)).reshape(-1)[:experts]
         top, w = _topk(logits, k)
         pad = TOPK_MAX - k
         results.append((jnp.pad(top, (0, pad)), jnp.pad(w, (0, pad)), k, experts))

@@ -109,6 +109,10 @@ class _Scalars:
         fmt = cfg.precision.hbm_v_act_type
         self.ratio = fmt.element_scale_ratio
         self.block = getattr(fmt, "block", cfg.vlen)
+        # bytes of one stored row (an upper bound: elements wider than 8 bits make longer rows)
+        widths = [(getattr(f, "elem", None) or f.data).width
+                  for f in (cfg.precision.hbm_v_act_type, cfg.precision.hbm_v_kv_type)]
+        self.row_bytes = max(cfg.vlen, max(cfg.vlen * w // 8 for w in widths))
 
     # ------------------------------------------------------------------ extents
     def vrow(self, addr, extra_rows=0):
@@ -128,7 +132,7 @@ class _Scalars:
         c = self.cfg
         base = (hi << 32) | lo
         last = c.hbm_v_writeback_amount - 1
-        e_end = base + off + ((last * s) & M32) + c.vlen
+        e_end = base + off + ((last * s) & M32) + self.row_bytes
         s_end = base + scale + off // self.ratio + int(last * (s / self.ratio)) + c.vlen // self.block
         self.hbm_end = max(self.hbm_end, e_end + slack, s_end + slack)
 
@@ -217,7 +221,7 @@ class _Scalars:
             else:
                 self.vram_max = max(self.vram_max, min(cfg.vector_sram_size, v // cfg.vlen + cfg.hbm_v_prefetch_amount))
         elif op == O["H_STORE_V"]:
-            s = self.stride if self.rs3s[pc] == 1 else cfg.vlen
+            s = self.stride if self.rs3s[pc] == 1 else self.row_bytes
             self.hbm_store(gp[rs1], self.a_hi[rs2], self.a_lo[rs2], s, self.scale)
 
     def plan(self, static_error=None, structured=False) -> Plan:

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from plena.config import PlenaConfig
+from plena.numerics.bf16 import bf16_bits_to_f32_np, f32_bits_np, f32_to_bf16_bits_np
+from plena.numerics.containers import container_dtype
 
 FP_REGS = 8
 GP_REGS = 16
@@ -43,12 +45,48 @@ class Geometry:
     def mram_tiles(self) -> int:
         return self.cfg.mram_tiles
 
+    @property
+    def vram_container(self):
+        """dtype of the VRAM container: uint16 bf16 bits, or uint32 f32 bits when
+        VECTOR_SRAM_TYPE is not a subset of bf16 (:mod:`plena.numerics.containers`)."""
+        return vram_container(self.cfg)
+
+    @property
+    def fp_container(self):
+        """dtype of the fp registers and the FP SRAM (SCALAR_FP): uint16 or uint32."""
+        return fp_container(self.cfg)
+
+
+def vram_container(cfg: PlenaConfig):
+    """numpy dtype of VRAM rows for a config (static: chosen from VECTOR_SRAM_TYPE)."""
+    return container_dtype(cfg.precision.vector_sram_type.data)
+
+
+def fp_container(cfg: PlenaConfig):
+    """numpy dtype of the fp registers / FP SRAM for a config (static: from SCALAR_FP)."""
+    return container_dtype(cfg.precision.scalar_fp)
+
+
+def to_container_np(bits, dtype, data_type=None) -> np.ndarray:
+    """Preload bits (uint16 bf16 bits, or uint32 f32 bits) converted to a container dtype:
+    bf16 -> f32 is exact; f32 -> bf16 uses the VRAM cast (RNE). With ``data_type`` a wide
+    container's values are rounded to that type (VRAM holds only values of its type)."""
+    from plena.numerics import codec
+    bits = np.asarray(bits).reshape(-1)
+    if np.dtype(dtype) == np.uint16:
+        return bits.astype(np.uint16) if bits.dtype != np.uint32 else \
+            f32_to_bf16_bits_np(bits.view(np.float32)).astype(np.uint16)
+    vals = bf16_bits_to_f32_np(bits) if bits.dtype != np.uint32 else bits.view(np.float32)
+    if data_type is not None:
+        vals = codec.round_to_np(vals, data_type)
+    return f32_bits_np(vals).astype(np.uint32)
+
 
 class MachineState(NamedTuple):
     pc: jnp.ndarray  # i32
     sub: jnp.ndarray  # i32 micro-step within a multi-row instruction
     gp: jnp.ndarray  # u32[16]
-    fp: jnp.ndarray  # u16[8] bf16 bits
+    fp: jnp.ndarray  # u16[8] bf16 bits (u32 f32 bits for a wide SCALAR_FP)
     a_hi: jnp.ndarray  # u32[16] high words of the 64-bit HBM address registers
     a_lo: jnp.ndarray  # u32[16]
     scale: jnp.ndarray  # u32
@@ -58,9 +96,9 @@ class MachineState(NamedTuple):
     loop_reg: jnp.ndarray  # i32[D]
     loop_cnt: jnp.ndarray  # i32[D] instructions in the current iteration
     loop_sp: jnp.ndarray  # i32
-    fpsram: jnp.ndarray  # u16[1024] bf16 bits
+    fpsram: jnp.ndarray  # u16[1024] bf16 bits (u32 f32 bits for a wide SCALAR_FP)
     intsram: jnp.ndarray  # u32[1024]
-    vram: jnp.ndarray  # u16[rows + 1, VLEN] bf16 bits
+    vram: jnp.ndarray  # u16[rows + 1, VLEN] bf16 bits (u32 f32 bits: wide VECTOR_SRAM_TYPE)
     mram: jnp.ndarray  # f32[tiles + 1, MLEN, MLEN]
     hbm: jnp.ndarray  # u8[window + pad]
     m_acc: jnp.ndarray  # f32[BLEN, BLEN]
@@ -82,26 +120,29 @@ class MachineState(NamedTuple):
 def init_state(geo: Geometry, *, hbm_capacity: int, hbm: np.ndarray | None = None, fpsram: np.ndarray | None = None,
                intsram: np.ndarray | None = None, vram: np.ndarray | None = None) -> MachineState:
     """Reset state with optional preloads (already in machine formats: u8 HBM bytes,
-    u16 bf16 FP SRAM, u32 INT SRAM, u16 bf16 VRAM elements from element 0)."""
+    u16 bf16 FP SRAM, u32 INT SRAM, u16 bf16 VRAM elements from element 0). FP SRAM and VRAM
+    preloads may also be u32 f32 bits; both are converted to the containers the config
+    chooses (:func:`to_container_np`; a wide VRAM rounds its preload to VECTOR_SRAM_TYPE)."""
     c = geo.cfg
     d = max(geo.loop_depth, 1)
     hbm_arr = np.zeros(geo.hbm_bytes + geo.hbm_pad, np.uint8)
     if hbm is not None and len(hbm):
         hbm_arr[: len(hbm)] = hbm
-    fps = np.zeros(SRAM_WORDS, np.uint16)
+    vdt, fdt = geo.vram_container, geo.fp_container
+    fps = np.zeros(SRAM_WORDS, fdt)
     if fpsram is not None:
-        fps[: len(fpsram)] = fpsram
+        fps[: len(fpsram)] = to_container_np(fpsram, fdt)
     ints = np.zeros(SRAM_WORDS, np.uint32)
     if intsram is not None:
         ints[: len(intsram)] = intsram
-    vr = np.zeros(((geo.vram_rows + 1) * c.vlen,), np.uint16)
+    vr = np.zeros(((geo.vram_rows + 1) * c.vlen,), vdt)
     if vram is not None and len(vram):
         n = min(len(vram), geo.vram_rows * c.vlen)
-        vr[:n] = vram[:n]
+        vr[:n] = to_container_np(np.asarray(vram)[:n], vdt, c.precision.vector_sram_type.data)
     z32 = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
     return MachineState(
         pc=jnp.int32(0), sub=jnp.int32(0),
-        gp=jnp.zeros(16, jnp.uint32), fp=jnp.zeros(FP_REGS, jnp.uint16),
+        gp=jnp.zeros(16, jnp.uint32), fp=jnp.zeros(FP_REGS, fdt),
         a_hi=jnp.zeros(16, jnp.uint32), a_lo=jnp.zeros(16, jnp.uint32),
         scale=jnp.uint32(0), stride=jnp.uint32(1), vmask=jnp.uint32(0),
         loop_pc=jnp.zeros(d, jnp.int32), loop_reg=jnp.full(d, -1, jnp.int32),

@@ -182,7 +182,7 @@ def _writes(geo: Geometry, eff: Effect, ok):
         (ok & (vrow < geo.vram_rows), vrow, vrow + 1, _hash_at(eff.vram_data, vrow * c.vlen)),
         (ok & (tile < geo.mram_tiles), mrow, mrow + 1,
          _hash_at(lax.bitcast_convert_type(eff.mram_data, U32), mrow * c.mlen)),
-        (ok & (e_idx < geo.hbm_bytes), e_idx, e_idx + c.vlen, _hash_at(eff.hbm_e_data, e_idx)),
+        (ok & (e_idx < geo.hbm_bytes), e_idx, e_idx + eff.hbm_e_data.shape[0], _hash_at(eff.hbm_e_data, e_idx)),
         (ok & (s_idx < geo.hbm_bytes), s_idx, s_idx + nb, _hash_at(eff.hbm_s_data, s_idx)),
         sram(eff.fps_idx, eff.fps_val),
         sram(eff.ints_idx, eff.ints_val),

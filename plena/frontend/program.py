@@ -21,7 +21,7 @@ import numpy as np
 
 from plena.config import (LATENCY_TABLES, PRECISION_TABLES, PlenaConfig, load_config)
 from plena.isa.memfile import format_mem
-from plena.numerics.bf16 import bf16_bits_to_f32_np
+from plena.numerics.containers import bits_to_f32_np
 from plena.numerics.formats import FloatType, IntType, MxFormat, PlainFormat
 from plena.numerics import codec
 
@@ -388,9 +388,9 @@ class Program:
         bits = np.asarray(result.vram_bits())
         n = r.rows * r.vlen
         window = bits[r.addr: r.addr + n]
-        out = np.zeros(n, np.uint16)  # rows past the emulated window are 0 (never written)
+        out = np.zeros(n, bits.dtype)  # rows past the emulated window are 0 (never written)
         out[: len(window)] = window
-        return bf16_bits_to_f32_np(out).reshape(r.rows, r.vlen)
+        return bits_to_f32_np(out).reshape(r.rows, r.vlen)  # bf16 or f32 (wide) container
 
     def read_mram(self, result, region, tile: int = 0) -> np.ndarray:
         """f32 [MLEN, MLEN] exact contents of tile ``tile`` of an MRAM region."""
@@ -416,4 +416,4 @@ class Program:
         """f32 values of an FP SRAM block (by name or slot) after ``result``."""
         s = self._get(slot, SramSlot)
         bits = np.asarray(result.state.fpsram)[int(s): int(s) + s.size]
-        return bf16_bits_to_f32_np(bits)
+        return bits_to_f32_np(bits)

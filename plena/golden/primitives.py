@@ -41,6 +41,7 @@ from jax import lax
 
 from plena.numerics import unary
 from plena.numerics.bf16 import f32_to_bf16_bits, f32_to_bf16_bits_reg
+from plena.numerics.containers import is_wide
 from plena.numerics.formats import MxFormat, PlainFormat
 from plena.numerics.reduce import torch_sum
 
@@ -197,6 +198,9 @@ def _unary(name: str, point: str, x, policy: Optional[Policy]) -> jnp.ndarray:
     x = _f32(x)
     if not policy.is_hardware(point):
         return _FP32_FN[name](x)
+    fmt = policy.vram_format if point == "vram" else policy.fpreg_format
+    if is_wide(fmt):  # operands held in f32 (no table): the emulator's f32 evaluation
+        return q(unary.apply_f32(name, x), point, policy)
     return q(_tabulated(name, point, x), point, policy)
 
 

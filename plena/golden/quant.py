@@ -12,9 +12,13 @@ Quantisation points (:data:`POINTS`):
 
 =================  ==========================================================================
 ``vram``           every VRAM write (vector-op results, M_*_WO, H_PREFETCH_V): f32 -> bf16 with
-                   the VRAM cast (spec §2.9(a), :func:`plena.numerics.f32_to_bf16_bits`).
+                   the VRAM cast (spec §2.9(a), :func:`plena.numerics.f32_to_bf16_bits`);
+                   another VECTOR_SRAM_TYPE (``Policy.vram_format``): RNE to it (and, for a
+                   subset of bf16, the VRAM cast, exact). Types wider than bf16 (fp16, fp32)
+                   are held in f32, so the result is the type's value itself.
 ``fpreg``          every fp-register write (S_*_FP, V_RED_SUM, V_RED_MAX): f32 -> bf16 with
-                   ``half::bf16::from_f32`` (:func:`plena.numerics.f32_to_bf16_bits_reg`).
+                   ``half::bf16::from_f32`` (:func:`plena.numerics.f32_to_bf16_bits_reg`);
+                   another SCALAR_FP (``Policy.fpreg_format``) as for ``vram``.
 ``fpsram_preload`` FP SRAM constants, given as f32: the preload file holds IEEE f16, loaded as
                    f16 -> f32 -> bf16 (spec §2.3), so f32 -> f16 (RNE) -> bf16 (RNE).
 ``hbm_act``        MX quantise-dequantise of activations stored to / loaded from HBM
@@ -51,6 +55,7 @@ from jax import lax
 from plena.numerics.bf16 import (bf16_bits_to_f32, f16_bits_to_bf16_bits, f32_to_bf16_bits,
                                  f32_to_bf16_bits_reg)
 from plena.numerics import codec
+from plena.numerics.containers import is_wide
 from plena.numerics.formats import BF16, MXFP8, DataType, FloatType, MxFormat, PlainFormat
 from plena.numerics.mx import mx_decode, mx_encode
 
@@ -220,9 +225,15 @@ def _is_bf16(t) -> bool:
 @functools.lru_cache(maxsize=None)
 def vram_round(fmt: DataType):
     """f32 -> f32 VRAM write for VECTOR_SRAM_TYPE data type ``fmt``: the VRAM cast for bf16,
-    else RNE to ``fmt`` (whose values are bf16 values)."""
+    else RNE to ``fmt`` (held exactly: in bf16 when ``fmt`` is a subset of bf16, else in the
+    f32 container, :mod:`plena.numerics.containers`)."""
     if _is_bf16(fmt):
         return round_vram
+    if is_wide(fmt):
+        def fn(x):
+            return codec.round_to(x, fmt)
+        fn.__name__ = f"vram_round[{fmt}]"
+        return fn
 
     def fn(x):
         return round_vram(codec.round_to(x, fmt))
@@ -232,9 +243,15 @@ def vram_round(fmt: DataType):
 
 @functools.lru_cache(maxsize=None)
 def fpreg_round(fmt: DataType):
-    """f32 -> f32 fp-register write for SCALAR_FP ``fmt`` (bf16: ``half::bf16::from_f32``)."""
+    """f32 -> f32 fp-register write for SCALAR_FP ``fmt`` (bf16: ``half::bf16::from_f32``;
+    another type: RNE to it, held exactly in bf16 or, for a type wider than bf16, in f32)."""
     if _is_bf16(fmt):
         return round_fpreg
+    if is_wide(fmt):
+        def fn(x):
+            return codec.round_to(x, fmt)
+        fn.__name__ = f"fpreg_round[{fmt}]"
+        return fn
 
     def fn(x):
         return round_fpreg(codec.round_to(x, fmt))
