@@ -163,6 +163,8 @@ def operand_count(sig) -> int:
         return 1
     if kind == "L":
         return 3 + sum(operand_count(s) for s in sig[2])
+    if kind == "LV":
+        return 3 + sum(operand_count(s) for s in sig[3])
     return sig[1] * sum(operand_count(s) for s in sig[2])
 
 
@@ -183,6 +185,8 @@ def _item(geo: Geometry, sig, ops, st: MachineState) -> MachineState:
         return st._replace(gp=st.gp.at[sig[1]].set(ops[0].astype(jnp.uint32)))
     if kind == "P":  # where the interpreter resumes
         return st._replace(pc=ops[0])
+    if kind == "LV":
+        return _tile_loop(geo, sig, ops, st)
     body = sig[2]
     if kind == "L":
         reg, count, body_ops = sig[1], ops[1], ops[3:]
@@ -196,6 +200,47 @@ def _item(geo: Geometry, sig, ops, st: MachineState) -> MachineState:
     times = sig[1]
     table = ops.reshape(times, -1)
     return lax.fori_loop(0, times, lambda k, s: _items(geo, body, table[k], s), st)
+
+
+def _tile_loop(geo: Geometry, sig, ops, st: MachineState) -> MachineState:
+    """A K-chunk product loop (:func:`plena.emu_jax.structure.tile_loop`) in one go: the n
+    products are computed as one batch (each exactly as the instruction computes it: the
+    instruction runs with an accumulator of -0.0, and -0.0 + p == p for every f32 p), then
+    added to the accumulator one by one in loop order, so every rounding is the same."""
+    _, reg, n, body = sig
+    mm, incs = body[0], body[1:]
+    body_ops = ops[3:]
+    pc = body_ops[0]
+    _, op, rd, rs1, rs2, rs3, funct1 = mm
+    spec = OPCODES[op]
+    fn = dispatch.IMPLEMENTATIONS[spec.mnemonic]
+    i32 = np.int32
+    f = Fields(opcode=i32(op), rd=i32(rd), rs1=i32(rs1), rs2=i32(rs2), rs3=i32(rs3), funct1=i32(funct1),
+               imm18=body_ops[1], imm22=body_ops[2])
+    step = jnp.zeros(16, jnp.uint32)
+    for j, key in enumerate(incs):  # per-iteration register increments
+        step = step.at[key[2]].add(body_ops[3 * (j + 1) + 1].astype(jnp.uint32))
+    gp0 = st.gp
+    neg0 = jnp.full_like(st.m_acc, -0.0)
+
+    def product(k):
+        s = st._replace(gp=gp0 + k.astype(jnp.uint32) * step, m_acc=neg0, pc=pc, sub=jnp.int32(0))
+        eff = fn(geo, s, f)
+        return eff.m_acc, eff.err
+
+    parts, errs = jax.vmap(product)(jnp.arange(n, dtype=jnp.int32))
+    acc = st.m_acc
+    if n <= 32:  # the loop-order sum, unrolled (no loop overhead)
+        for k in range(n):
+            acc = acc + parts[k]
+    else:
+        acc = lax.fori_loop(0, n, lambda k, a: a + parts[k], acc)
+    bad = errs != 0
+    first = (st.err == 0) & jnp.any(bad)
+    err = errs[jnp.argmax(bad)]
+    gp = (gp0 + jnp.uint32(n) * step).at[reg].set(jnp.uint32(0))
+    return lax.optimization_barrier(st._replace(
+        m_acc=acc, gp=gp, err=jnp.where(first, err, st.err), err_pc=jnp.where(first, pc, st.err_pc)))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))

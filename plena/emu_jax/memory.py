@@ -147,8 +147,8 @@ def tile_cols(geo: Geometry, st: MachineState, tile, c0, width: int):
     """Columns [c0, c0+width) of MRAM tile `tile` (a zero block for tiles outside the MRAM)."""
     if hasattr(st.mram, "tile_cols"):
         return st.mram.tile_cols(tile, c0, width)
-    t = lax.dynamic_index_in_dim(st.mram, jnp.clip(tile, 0, geo.mram_tiles), axis=0, keepdims=False)
-    blk = lax.dynamic_slice_in_dim(t, c0, width, axis=1)
+    # one slice of exactly the block (vmapped, it stays a block gather, not a whole-tile one)
+    blk = lax.dynamic_slice(st.mram, (jnp.clip(tile, 0, geo.mram_tiles), 0, c0), (1, geo.cfg.mlen, width))[0]
     return jnp.where(tile < geo.mram_tiles, blk, 0.0)
 
 
@@ -156,8 +156,7 @@ def tile_rows(geo: Geometry, st: MachineState, tile, r0, n: int):
     """Rows [r0, r0+n) of MRAM tile `tile`."""
     if hasattr(st.mram, "tile_rows"):
         return st.mram.tile_rows(tile, r0, n)
-    t = lax.dynamic_index_in_dim(st.mram, jnp.clip(tile, 0, geo.mram_tiles), axis=0, keepdims=False)
-    blk = lax.dynamic_slice_in_dim(t, r0, n, axis=0)
+    blk = lax.dynamic_slice(st.mram, (jnp.clip(tile, 0, geo.mram_tiles), r0, 0), (1, n, geo.cfg.mlen))[0]
     return jnp.where(tile < geo.mram_tiles, blk, 0.0)
 
 

@@ -33,6 +33,23 @@ GP_WRITERS = frozenset(_OP[m] for m in ("S_ADD_INT", "S_ADDI_INT", "S_SUB_INT", 
                                         "S_LD_INT", "C_LOOP_START"))
 #: operands per instruction: pc, imm18, imm22
 INSTR_OPERANDS = 3
+MM, TMM, ADDI = _OP["M_MM"], _OP["M_TMM"], _OP["S_ADDI_INT"]
+
+
+def tile_loop(reg: int, body_keys: tuple) -> bool:
+    """Whether a loop body is a K-chunk product: one M_MM / M_TMM followed by S_ADDI_INT
+    self-increments (gpX = gpX + imm) of registers other than the counter. Such loops are
+    emitted as one batched product (see :mod:`plena.emu_jax.fast`); their trip count is
+    part of the signature."""
+    if not body_keys or body_keys[0][0] != "I" or body_keys[0][1] not in (MM, TMM):
+        return False
+    return all(k[0] == "I" and k[1] == ADDI and k[2] == k[3] and k[2] != reg for k in body_keys[1:])
+
+
+def loop_key(reg: int, count: int, body_keys: tuple) -> tuple:
+    if tile_loop(reg, body_keys):
+        return ("LV", reg, count, body_keys)
+    return ("L", reg, body_keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +134,7 @@ def parse(prog: DecodedProgram, sigs: Signatures | None = None) -> tuple[list, S
             if any(_writes_gp(prog, it, reg) for it in body):
                 raise Malformed(f"pc {start}: loop body writes its counter gp{reg}")
             body = tuple(body)
-            sig = sigs(("L", reg, tuple(it.sig for it in body)))
+            sig = sigs(loop_key(reg, imm22[start], tuple(sigs.keys[it.sig] for it in body)))
             stack[-1][1].append(Loop(start, pc, reg, imm22[start], body, sig))
         elif op == BREAK:
             raise Malformed(f"pc {pc}: C_BREAK")
@@ -205,7 +222,7 @@ def reroll(items: list, sigs: Signatures, *, passes: int = 4) -> list:
 def _reroll_inside(item: Item, sigs: Signatures, passes: int) -> Item:
     if isinstance(item, Loop):
         body = tuple(reroll(list(item.body), sigs, passes=passes))
-        sig = sigs(("L", item.reg, tuple(it.sig for it in body)))
+        sig = sigs(loop_key(item.reg, item.count, tuple(sigs.keys[it.sig] for it in body)))
         return dataclasses.replace(item, body=body, sig=sig)
     return item
 
@@ -245,7 +262,7 @@ def _sig_tree(item: Item, sigs: Signatures):
     if isinstance(item, Instr):
         return sigs.keys[item.sig]
     if isinstance(item, Loop):
-        return ("L", item.reg, tuple(_sig_tree(it, sigs) for it in item.body))
+        return loop_key(item.reg, item.count, tuple(_sig_tree(it, sigs) for it in item.body))
     return ("R", item.times, tuple(_sig_tree(it, sigs) for it in item.body))
 
 
