@@ -182,9 +182,9 @@ def test_build_errors():
         compile_decoder(p, CFG, seq=32)
     with pytest.raises(BuildError, match="layers"):
         compile_decoder(p, CFG, seq=64, layers=2)
-    p16 = random_params(hidden=128, heads=8, kv_heads=2, head_dim=16, intermediate=256, layers=1)
-    with pytest.raises(BuildError, match="head_dim"):
-        compile_decoder(p16, CFG, seq=64)
+    p48 = random_params(hidden=128, heads=4, kv_heads=4, head_dim=48, intermediate=256, layers=1)
+    with pytest.raises(BuildError, match="head_dim"):  # 48 neither divides MLEN 64 nor is a multiple of it
+        compile_decoder(p48, CFG, seq=64)
 
 
 # =============================================================================================

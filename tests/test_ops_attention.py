@@ -43,17 +43,29 @@ SHAPES = {
     "gqa": (8, 2, 1, False, "hlen"), "gqa_causal": (8, 2, 1, True, "hlen"),
     "gqa_causal_2blocks": (4, 2, 2, True, "hlen"), "mqa_2blocks": (4, 1, 2, False, "hlen"),
     "mha_dmlen": (2, 2, 1, False, "mlen"), "gqa_dmlen_causal_2blocks": (2, 1, 2, True, "mlen"),
+    # the general head-dim path: d = 2*HLEN / 3*HLEN (Q lanes moved onto the kv head's K lanes by
+    # an exact selection matmul; 3*HLEN heads straddle column blocks), d = 2*MLEN (K-chunked QK^T)
+    "gqa_d2h_causal_2blocks": (4, 2, 2, True, "2hlen"), "mqa_d2h": (4, 1, 1, False, "2hlen"),
+    "gqa_d2h_causal": (4, 2, 1, True, "2hlen"), "gqa_d3h_causal": (4, 2, 1, True, "3hlen"),
+    "mqa_d2h_causal": (2, 1, 1, True, "2hlen"), "gqa_d2m_causal": (2, 1, 1, True, "2mlen"),
+    "gqa_d2m_causal_2blocks": (2, 1, 2, True, "2mlen"), "mha_d2m": (2, 2, 1, False, "2mlen"),
+    "mqa_d2m": (2, 1, 1, False, "2mlen"),
 }
 
 
 # which shapes run on which machine (each emulator instruction costs; the d = MLEN path at
 # S = MLEN on the default machine is also covered by the aten_flash_attention_mha case below)
 CASES = [("default", k) for k in ("mha", "mha_causal", "gqa", "gqa_causal", "gqa_causal_2blocks", "mqa_2blocks")] \
-    + [("small", k) for k in ("gqa_causal", "mqa_2blocks", "mha_dmlen", "gqa_dmlen_causal_2blocks")]
+    + [("small", k) for k in ("gqa_causal", "mqa_2blocks", "mha_dmlen", "gqa_dmlen_causal_2blocks")] \
+    + [("default", k) for k in ("mqa_d2h_causal", "mqa_d2m")] \
+    + [("small", k) for k in ("gqa_d2h_causal_2blocks", "mqa_d2h", "gqa_d3h_causal", "gqa_d2m_causal_2blocks",
+                              "mha_d2m")]
 
 
 def head_dim(cfg, which):
-    return cfg.hlen if which == "hlen" else cfg.mlen
+    """``"hlen"`` / ``"mlen"`` / ``"<r>hlen"`` / ``"<r>mlen"`` -> head_dim on ``cfg``."""
+    r = int(which[:-4] or 1)
+    return r * (cfg.hlen if which.endswith("hlen") else cfg.mlen)
 
 
 def bf16(x):
@@ -195,7 +207,7 @@ def _jnp_attention(q, k, v, H, Hkv, d, scale, causal):
     return jnp.concatenate(outs, axis=-1)
 
 
-@pytest.mark.parametrize("key", ["gqa_causal_2blocks"])
+@pytest.mark.parametrize("key", ["gqa_causal_2blocks", "gqa_d2h_causal", "gqa_d2m_causal"])
 def test_grad_fp32_matches_plain_jnp(key):
     H, Hkv, nblk, causal, which = SHAPES[key]
     d, scale = head_dim(SMALL, which), 1 / np.sqrt(head_dim(SMALL, which))
@@ -203,7 +215,7 @@ def test_grad_fp32_matches_plain_jnp(key):
     w = np.random.default_rng(6).standard_normal((q.shape[0], q.shape[1])).astype(np.float32)
 
     def loss_golden(q, k, v):
-        return jnp.sum(w * G.flash_attention(q, k, v, cfg=SMALL, num_heads=H, num_kv_heads=Hkv,
+        return jnp.sum(w * G.flash_attention(q, k, v, cfg=SMALL, num_heads=H, num_kv_heads=Hkv, head_dim=d,
                                              causal=causal, policy=F32))
 
     def loss_plain(q, k, v):
@@ -216,7 +228,8 @@ def test_grad_fp32_matches_plain_jnp(key):
         assert np.all(np.isfinite(a))
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-4, atol=1e-5)
     gh = jax.grad(lambda q: jnp.sum(w * G.flash_attention(q, k, v, cfg=SMALL, num_heads=H, num_kv_heads=Hkv,
-                                                           causal=causal, policy=Policy.hardware(SMALL))))(q)
+                                                           head_dim=d, causal=causal,
+                                                           policy=Policy.hardware(SMALL))))(q)
     assert np.all(np.isfinite(np.asarray(gh))) and np.any(np.asarray(gh) != 0)
 
 
@@ -231,8 +244,8 @@ def test_build_errors():
     k = b.hbm_input("k", np.zeros((64, 64), np.float32), use="kv", pad_rows=P)
     kw = b.hbm_input("kw", np.zeros((64, 64), np.float32), use="weight", pad_rows=P)
     k2 = b.hbm_input("k2", np.zeros((128, 64), np.float32), use="kv", pad_rows=P)
-    with pytest.raises(BuildError, match="head_dim 32 not supported"):
-        F.flash_attention(b, q, k, k, num_heads=2, num_kv_heads=1, head_dim=32)
+    with pytest.raises(BuildError, match="head_dim 24 not supported"):
+        F.flash_attention(b, q, k, k, num_heads=2, num_kv_heads=1, head_dim=24)
     with pytest.raises(BuildError, match="multiple of num_kv_heads"):
         F.flash_attention(b, q, k, k, num_heads=4, num_kv_heads=3)
     with pytest.raises(BuildError, match="use='kv'"):

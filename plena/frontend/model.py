@@ -20,9 +20,14 @@ HBM in the weight MX format; the norm weights are (1, D) activation tensors; the
 ``0..S-1``) are **preloaded into VRAM** as bf16 (``meta["vram_preload"]``: pass it to
 ``program.run(vram=...)``), so that they are not MX-quantised.
 
-Restrictions (checked, :class:`BuildError`): ``head_dim == MLEN == VLEN`` (one head per VRAM
-column block: attention's M_TMM path, RoPE on whole rows), ``seq`` a multiple of MLEN, hidden,
-intermediate and ``heads * head_dim`` multiples of MLEN.
+Head dims: ``head_dim`` a multiple of MLEN (``n`` column blocks per head; RoPE's rotate-half
+is one K-chunked product over the head's ``n`` blocks), or a multiple of HLEN dividing MLEN
+(``MLEN / head_dim`` heads per column block; RoPE per column block with the tables tiled
+across its heads); attention takes the matching path of
+:func:`plena.frontend.ops_attention.flash_attention` (HLEN: M_BTMM, MLEN: M_TMM, others: the
+general head-dim path). Restrictions (checked, :class:`BuildError`): that head dim, ``VLEN ==
+MLEN``, ``seq`` a multiple of MLEN, hidden, intermediate, ``heads * head_dim`` and
+``kv_heads * head_dim`` multiples of MLEN.
 
 Every intermediate gets its own VRAM storage (VRAM is large), so after one run
 ``meta["intermediates"][name].read(program, result)`` gives its value; names are
@@ -47,6 +52,7 @@ from plena.frontend import ops_basic as FB
 from plena.frontend import ops_ffn as FF
 from plena.frontend.builder import ProgramBuilder
 from plena.frontend.program import BuildError, Program, VramRegion
+from plena.golden.ops_ffn import rotate_half_matrix
 from plena.numerics.bf16 import f32_to_bf16_bits_np
 
 __all__ = ["LayerParams", "LlamaParams", "PRESETS", "random_params", "preset_params", "from_hf_config",
@@ -153,6 +159,31 @@ def _sub_region(m: FB.VramMatrix, j: int) -> VramRegion:
     return VramRegion(f"{m.name}[blk{j}]", m.addr(0, j), m.pitch, m.vlen)
 
 
+def _rope_wide(b: ProgramBuilder, m: FB.VramMatrix, j: int, d: int, cos_m: FB.VramMatrix, sin_m: FB.VramMatrix,
+               rot_w, mram, rot: FB.VramMatrix, name: str) -> None:
+    """RoPE in place on head ``j`` of ``m`` when a head spans ``n = d / MLEN`` column blocks:
+    ``rot = x_head @ R`` (R = rotate-half of ``d``, one K-chunked linear over the head's blocks,
+    exact), then per block and row ``r = r * sin; x = x * cos; x = x + r`` as
+    :func:`plena.frontend.ops_ffn.rope` does."""
+    vlen = b.cfg.vlen
+    n = d // vlen
+    view = FB.VramMatrix(VramRegion(f"{m.name}[head{j}]", m.addr(0, j * n), n * m.pitch, vlen), m.rows, d, m.pitch)
+    FB.linear(b, view, rot_w, out=rot, mram=mram, name=f"{name}.rotate_half")
+    b.comment(f"{name}: x = x * cos + rotate_half(x) * sin over {n} column blocks")
+    regs = [b.gp(f"{name} {what}") for what in ("x", "cos", "sin", "rot")]
+    rx, rc, rs, rr = regs
+    for c in range(n):
+        for reg, addr in zip(regs, (view.addr(0, c), cos_m.addr(0, c), sin_m.addr(0, c), rot.addr(0, c))):
+            b.li(reg, addr)
+        with b.loop(m.rows, f"{name} rows"):
+            b.emit("V_MUL_VV", rr, rr, rs, 0)
+            b.emit("V_MUL_VV", rx, rx, rc, 0)
+            b.emit("V_ADD_VV", rx, rx, rr, 0)
+            for reg in regs:
+                b.add_imm(reg, vlen)
+    b.free(*regs)
+
+
 def compile_decoder(params: LlamaParams, cfg=None, *, seq: int, layers: Optional[int] = None,
                     x: Optional[np.ndarray] = None, seed: int = 0) -> tuple[Program, dict]:
     """Emit the decoder (module docstring) for ``seq`` tokens and ``layers`` layers (default: all
@@ -169,8 +200,14 @@ def compile_decoder(params: LlamaParams, cfg=None, *, seq: int, layers: Optional
         raise BuildError(f"compile_decoder: layers = {L}, params have {p.num_layers}")
     mlen, vlen = cfg.mlen, cfg.vlen
     d, H, Hkv, D, I = p.head_dim, p.heads, p.kv_heads, p.hidden, p.intermediate
-    if d != mlen or vlen != mlen:
-        raise BuildError(f"compile_decoder: head_dim {d} must equal MLEN = VLEN ({mlen}, {vlen})")
+    if vlen != mlen:
+        raise BuildError(f"compile_decoder: needs VLEN == MLEN ({vlen}, {mlen})")
+    if d % 2 or not (d % mlen == 0 or (mlen % d == 0 and d % cfg.hlen == 0)):
+        raise BuildError(f"compile_decoder: head_dim {d} must be even and a multiple of MLEN = {mlen}, or a "
+                         f"multiple of HLEN = {cfg.hlen} dividing MLEN")
+    if (H * d) % mlen or (Hkv * d) % mlen:
+        raise BuildError(f"compile_decoder: heads * head_dim ({H * d}) and kv_heads * head_dim ({Hkv * d}) must "
+                         f"be multiples of MLEN = {mlen}")
     if seq < 1 or seq % mlen:
         raise BuildError(f"compile_decoder: seq {seq} must be a positive multiple of MLEN = {mlen}")
     for n, v in (("hidden", D), ("intermediate", I)):
@@ -191,19 +228,22 @@ def compile_decoder(params: LlamaParams, cfg=None, *, seq: int, layers: Optional
 
     # RoPE tables first: at VRAM 0, so the preload image is small
     cos, sin = rope_tables(seq, d, p.rope_theta)
-    cos_m = FB.vram_matrix(b, "rope.cos", seq, d)
-    sin_m = FB.vram_matrix(b, "rope.sin", seq, d)
+    reps = max(1, mlen // d)  # heads per column block: the tables are tiled across them
+    cos_m = FB.vram_matrix(b, "rope.cos", seq, d * reps)
+    sin_m = FB.vram_matrix(b, "rope.sin", seq, d * reps)
     if cos_m.pitch != seq:
         raise BuildError(f"compile_decoder: seq {seq} is not a multiple of BLEN / HBM burst sizes")
-    image = np.concatenate([cos_m.to_vram_rows(cos), sin_m.to_vram_rows(sin)], axis=0).reshape(-1)
+    image = np.concatenate([cos_m.to_vram_rows(np.tile(cos, (1, reps))),
+                            sin_m.to_vram_rows(np.tile(sin, (1, reps)))], axis=0).reshape(-1)
     vram_preload = f32_to_bf16_bits_np(image).astype(np.uint16)
     assert sin_m.end == len(vram_preload)
 
     xt = b.hbm_input("x.hbm", x, pad_rows=pv)
-    rot_w = FF.rope_weight(b, "rope.R", d)
+    wide = d > mlen  # a head spans d / MLEN column blocks
+    rot_w = FF.weight_input(b, "rope.R", rotate_half_matrix(d, d)) if wide else FF.rope_weight(b, "rope.R", d)
     mram = b.mram("weights", max(FF.weight_tiles(cfg, k) for k in (D, I, H * d)))
     fp_state = b.fpsram("attn.state", np.zeros(FA.fp_state_words(cfg)))
-    rot_scratch = b.vram("rope.rot", seq)
+    rot_scratch = FB.vram_matrix(b, "rope.rot", seq, d, pitch=seq) if wide else b.vram("rope.rot", seq)
 
     def w(name, a):
         return FF.weight_input(b, name, a)
@@ -227,7 +267,11 @@ def compile_decoder(params: LlamaParams, cfg=None, *, seq: int, layers: Optional
             v = FB.linear(b, h, w(f"{pre}.wv", lp.wv), mram=mram, name=f"{pre}.v")
         with b.stage(f"{pre}.rope"):
             for m, nh in ((q, H), (k, Hkv)):
-                for j in range(nh):
+                if wide:
+                    for j in range(nh):
+                        _rope_wide(b, m, j, d, cos_m, sin_m, rot_w, mram, rot_scratch, f"{m.name}.rope{j}")
+                    continue
+                for j in range(nh * d // mlen):  # column blocks of MLEN / d heads each
                     r = _sub_region(m, j)
                     FF.rope(b, r, cos_m.region, sin_m.region, r, head_dim=d, rot_weight=rot_w, mram=mram,
                             rot=rot_scratch, name=f"{m.name}.rope{j}")

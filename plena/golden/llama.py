@@ -36,8 +36,14 @@ def _norm_w(wt, policy):
 
 
 def _rope_heads(m, cos, sin, nh: int, d: int, cfg, policy):
-    outs = [GF.rope(m[:, j * d:(j + 1) * d], cos, sin, d, cfg, policy) for j in range(nh)]
-    return jnp.concatenate(outs, axis=-1) if nh > 1 else outs[0]
+    """RoPE as the program applies it: per head when a head spans whole column blocks
+    (``d >= MLEN``: one rotate-half product over the head), else per column block of
+    ``MLEN / d`` heads with the tables tiled across them."""
+    w = max(d, cfg.mlen)
+    reps = w // d
+    cos, sin = jnp.tile(cos, (1, reps)), jnp.tile(sin, (1, reps))
+    outs = [GF.rope(m[:, j * w:(j + 1) * w], cos, sin, d, cfg, policy) for j in range(nh * d // w)]
+    return jnp.concatenate(outs, axis=-1) if len(outs) > 1 else outs[0]
 
 
 def decoder(params, x, cfg, *, seq: int, layers: Optional[int] = None, policy: Optional[Policy] = None,
