@@ -42,10 +42,11 @@ def _hbm(seed):
     return hbm
 
 
-def test_batch_equals_sequential_runs():
+@pytest.mark.parametrize("executor", ["interpreter", "fast"])
+def test_batch_equals_sequential_runs(executor):
     words = assemble(SOURCE)
     hbms = [_hbm(i) for i in range(4)]
-    batch = run_batch(words, hbm=hbms, hbm_size=4096)
+    batch = run_batch(words, hbm=hbms, hbm_size=4096, executor=executor, fast_options=dict(hot=1))
     assert batch.size == 4
     for i, h in enumerate(hbms):
         single = run(words, hbm=h, hbm_size=4096)
@@ -92,7 +93,8 @@ def test_batch_sharded_over_host_devices(tmp_path):
         assert len(jax.devices()) == 4, jax.devices()
         words = assemble(SOURCE)
         hbms = [_hbm(i) for i in range(8)]
-        b = run_batch(words, hbm=hbms, hbm_size=4096, devices=jax.devices())
+        b = run_batch(words, hbm=hbms, hbm_size=4096, devices=jax.devices(), executor="fast",
+                      fast_options=dict(hot=1))
         assert len(b.state.vram.sharding.device_set) == 4
         for i in (0, 5):
             np.testing.assert_array_equal(b.dumps(i).vram, run(words, hbm=hbms[i], hbm_size=4096).dumps().vram)

@@ -396,7 +396,7 @@ def test_chunked_progress_run_equals_unchunked():
 def test_fast_executor_reports_progress_and_equals_the_interpreter():
     _, words, kw = case_inputs("aten_linear")
     seen = []
-    res = run_with_progress(words, CFG, **kw, progress=lambda done, total: seen.append((done, total)))
+    res = run_with_progress(words, CFG, **kw, executor="fast", progress=lambda done, total: seen.append((done, total)))
     plain = run(words, CFG, **kw, executor="interpreter")
     assert res.executor == "fast"
     chex.assert_trees_all_equal(res.state, plain.state)

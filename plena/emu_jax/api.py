@@ -180,6 +180,21 @@ def finish(prog: DecodedProgram, final: MachineState, cfg: PlenaConfig):
 EXECUTORS = ("auto", "fast", "interpreter")
 
 
+#: "auto" picks the fast executor from this many dynamic instructions on: below it, the
+#: interpreter (compiled once per machine geometry) finishes before the fast executor's blocks
+#: (compiled per program structure, ~20-50 ms per emitted instruction on a 2-core CPU) would.
+AUTO_FAST_MIN_INSTRUCTIONS = 100_000
+
+
+def use_fast(executor: str, plan: Plan, max_steps: int | None) -> bool:
+    """Whether a run with this ``executor`` setting goes to the fast executor."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, not {executor!r}")
+    if executor == "interpreter" or not fast_eligible(plan, max_steps):
+        return False
+    return executor == "fast" or plan.dynamic_instructions >= AUTO_FAST_MIN_INSTRUCTIONS
+
+
 def fast_eligible(plan: Plan, max_steps: int | None) -> bool:
     """Whether the specialising executor can run a program (else the interpreter does)."""
     return (max_steps is None and plan.structured and plan.exact and plan.static_error is None
@@ -201,9 +216,10 @@ def run(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsram=None, intsr
     vram may also be f32 bits (u32) or float32 values, converted to the containers the config
     chooses (docs/formats.md).
 
-    ``executor``: "interpreter" (the reference interpreter), "fast" or "auto" (the
-    specialising executor, :mod:`plena.emu_jax.fast`, whenever the program is well-formed and
-    no ``max_steps`` is given; otherwise the interpreter). Both give the identical final state.
+    ``executor``: "interpreter" (the reference interpreter), "fast" (the specialising executor,
+    :mod:`plena.emu_jax.fast`, whenever the program is well-formed and no ``max_steps`` is
+    given; otherwise the interpreter) or "auto" (as "fast" for programs of at least
+    :data:`AUTO_FAST_MIN_INSTRUCTIONS` dynamic instructions). All give the identical final state.
     ``progress(done, total)`` is called during a fast run (see
     :func:`plena.emu_jax.profile.run_with_progress` for the interpreter). ``fast_options``:
     keyword arguments of :func:`plena.emu_jax.fast.schedule` (``hot``, ``max_block``).
@@ -223,7 +239,7 @@ def run(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsram=None, intsr
                     vram=inp.vram)
     fields, n, limit = program_fields(prog, geo), jnp.int32(len(prog)), step_limit(max_steps)
     ex = None
-    if executor != "interpreter" and fast_eligible(plan, max_steps):
+    if use_fast(executor, plan, max_steps):
         ex = fast.prepare(prog, geo, st, **(fast_options or {}))
     t1 = time.perf_counter()
     needs_interpreter = ex is None or any(isinstance(s, fast.Interp) for s in ex.steps)

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from plena.config import PlenaConfig, default_config
 from plena.emu_jax import fast
-from plena.emu_jax.api import (_COMPILED, check_inputs, fast_eligible, finish, geometry_for, load_program,
+from plena.emu_jax.api import (_COMPILED, check_inputs, finish, use_fast, geometry_for, load_program,
                                program_fields, step_limit)
 from plena.emu_jax.cache import enable_compilation_cache
 from plena.emu_jax import dispatch, ops_scalar, ops_vector
@@ -106,7 +106,8 @@ def _shard(st: MachineState, devices) -> MachineState:
 
 def run_batch(program, cfg: PlenaConfig | None = None, *, hbm: Sequence, fpsram: Sequence | None = None,
               intsram=None, vram: Sequence | None = None, hbm_size: int | None = None,
-              devices=None, max_steps: int | None = None, executor: str = "auto") -> BatchResult:
+              devices=None, max_steps: int | None = None, executor: str = "auto",
+              fast_options: dict | None = None) -> BatchResult:
     """Run one program over B input sets (lists of per-set HBM / FP SRAM / VRAM preloads;
     INT SRAM is shared). With `devices` (e.g. jax.devices()), the batch is sharded over them.
     ``executor`` as in :func:`plena.emu_jax.api.run`: the specialising executor's blocks are
@@ -132,9 +133,9 @@ def run_batch(program, cfg: PlenaConfig | None = None, *, hbm: Sequence, fpsram:
     fields, n, limit = program_fields(prog, geo), jnp.int32(len(prog)), step_limit(max_steps)
     t0 = time.perf_counter()
     ex = None
-    if executor != "interpreter" and fast_eligible(plan, max_steps):
+    if use_fast(executor, plan, max_steps):
         try:
-            ex = fast.prepare(prog, geo, st, batch_axes=state_axes())
+            ex = fast.prepare(prog, geo, st, batch_axes=state_axes(), **(fast_options or {}))
         except ValueError as exc:
             if "out_axes" in str(exc) or "vmap" in str(exc):
                 raise BatchDivergence("the program's control flow depends on tensor data; run the input "

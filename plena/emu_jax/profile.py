@@ -282,7 +282,7 @@ def run_with_progress(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsr
         prog = program if isinstance(program, api.DecodedProgram) else api.load_program(program)
         plan = api.plan_program(prog, cfg or api.default_config(), None if intsram is None else
                                 np.asarray(intsram, np.uint32).reshape(-1))
-        if api.fast_eligible(plan, max_steps):
+        if api.use_fast(executor, plan, max_steps):
             if progress is not None:
                 progress(0, plan.dynamic_instructions)
             res = api.run(prog, cfg, hbm=hbm, fpsram=fpsram, intsram=intsram, vram=vram, hbm_size=hbm_size,

@@ -73,6 +73,23 @@ def btmm_scores(q, k, hlen: int, policy: Optional[Policy] = None):
     return vram(acc * BTMM_SCALE, policy)
 
 
+def _online_step(s, mask, fscale, m, l, o, vt, cfg, policy):
+    """One key block of the online softmax, in the program's order: scale, mask, row max,
+    rescale factor, exponentials, row sums, then ``O = O * alpha + P @ V``."""
+    mlen = cfg.mlen
+    s = v_mul(s, fscale, policy)
+    if mask is not None:
+        s = v_add(s, mask, policy)
+    mx = red_max_into(jnp.full((mlen,), -jnp.inf, jnp.float32), s, policy)
+    mn = s_max(mx, m, policy)
+    alpha = s_exp(s_sub(m, mn, policy), policy)
+    p = v_exp(v_sub(s, mn[:, None], policy), policy)
+    rs = red_sum_into(jnp.zeros((mlen,), jnp.float32), p, policy)
+    l = s_add(s_mul(l, alpha, policy), rs, policy)
+    pv = matmul_tiles(p, vt, cfg, policy)
+    return mn, l, v_add(v_mul(o, alpha[:, None], policy), pv, policy)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "num_heads", "num_kv_heads", "head_dim", "scale", "causal", "policy"))
 def flash_attention(q, k, v, *, cfg, num_heads: int, num_kv_heads: int, head_dim: Optional[int] = None,
                     scale: Optional[float] = None,
@@ -143,18 +160,7 @@ def flash_attention(q, k, v, *, cfg, num_heads: int, num_kv_heads: int, head_dim
                     s = btmm_scores(qh, kt, hlen, policy)
                 else:  # M_TMM over the MLEN dims, M_MM_WO
                     s = matmul_tiles(qh, kt.T, cfg, policy)
-                s = v_mul(s, fscale, policy)
-                if kind is not None:
-                    s = v_add(s, mask_of(kind), policy)
-                mx = red_max_into(jnp.full((mlen,), -jnp.inf, jnp.float32), s, policy)
-                mn = s_max(mx, m, policy)
-                alpha = s_exp(s_sub(m, mn, policy), policy)
-                p = v_exp(v_sub(s, mn[:, None], policy), policy)
-                rs = red_sum_into(jnp.zeros((mlen,), jnp.float32), p, policy)
-                l = s_add(s_mul(l, alpha, policy), rs, policy)
-                m = mn
-                pv = matmul_tiles(p, vt, cfg, policy)
-                o = v_add(v_mul(o, alpha[:, None], policy), pv, policy)
+                m, l, o = _online_step(s, None if kind is None else mask_of(kind), fscale, m, l, o, vt, cfg, policy)
             y = v_mul(o, s_reci(l, policy)[:, None], policy)
             if lanes > 1:  # the lane merge adds the other heads' zero lanes
                 y = v_add(y, 0.0, policy)
@@ -234,18 +240,8 @@ def _flash_general(q, k, v, cfg, H, Hkv, d, scale, causal, policy):
                 kt = km[kb * mlen:(kb + 1) * mlen, kcols]
                 vt = vm[kb * mlen:(kb + 1) * mlen, t * d:(t + 1) * d]
                 s = matmul_tiles(qcat, kt.T, cfg, policy)
-                s = v_mul(s, fscale, policy)
-                if kind is not None:
-                    s = v_add(s, _mask(mlen, kind), policy)
-                mx = red_max_into(jnp.full((mlen,), -jnp.inf, jnp.float32), s, policy)
-                mn = s_max(mx, m, policy)
-                alpha = s_exp(s_sub(m, mn, policy), policy)
-                p = v_exp(v_sub(s, mn[:, None], policy), policy)
-                rs = red_sum_into(jnp.zeros((mlen,), jnp.float32), p, policy)
-                l = s_add(s_mul(l, alpha, policy), rs, policy)
-                m = mn
-                pv = matmul_tiles(p, vt, cfg, policy)
-                o = v_add(v_mul(o, alpha[:, None], policy), pv, policy)
+                m, l, o = _online_step(s, None if kind is None else _mask(mlen, kind), fscale, m, l, o, vt, cfg,
+                                       policy)
             heads_out.append(v_mul(o, s_reci(l, policy)[:, None], policy))
         y = jnp.concatenate(heads_out, axis=-1)
         y = jnp.concatenate([v_add(y[:, c * mlen:(c + 1) * mlen], 0.0, policy) if shared[c]
