@@ -40,7 +40,8 @@ def golden(layers: int, mode: str) -> dict:
     return {k: np.asarray(v) for k, v in inter.items()}
 
 
-@pytest.mark.parametrize("layers", [1, 2, 5])
+# 5 layers: slow here; benchmarks/golden_drift.py checks 1/2/5 layers bit-exact at SmolLM2 shape
+@pytest.mark.parametrize("layers", [1, 2, pytest.param(5, marks=pytest.mark.slow)])
 def test_hardware_golden_bit_exact_at_every_stage(layers, capsys):
     prog, meta, res, emu = emulated(layers)
     hw = compare_run(prog, res, meta["intermediates"], golden(layers, "hw"), emulated=emu,

@@ -63,7 +63,8 @@ def same_bits(golden, emulated, what):
 # (a) bit-exact
 # =============================================================================================
 
-@pytest.mark.parametrize("layers", [1, 2])
+# 2 layers: slow here; tests/test_decoder_layers.py and `plena demo` check 2 layers bit-exact
+@pytest.mark.parametrize("layers", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_emulator_matches_hardware_golden_bits(layers):
     prog, meta, res, emu = emulated(layers)
     y, gold = golden(layers, "hw")

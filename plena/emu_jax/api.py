@@ -183,7 +183,7 @@ EXECUTORS = ("auto", "fast", "interpreter")
 #: "auto" picks the fast executor from this many dynamic instructions on: below it, the
 #: interpreter (compiled once per machine geometry) finishes before the fast executor's blocks
 #: (compiled per program structure, ~20-50 ms per emitted instruction on a 2-core CPU) would.
-AUTO_FAST_MIN_INSTRUCTIONS = 100_000
+AUTO_FAST_MIN_INSTRUCTIONS = 1_000_000
 
 
 def use_fast(executor: str, plan: Plan, max_steps: int | None) -> bool:
