@@ -123,7 +123,7 @@ class _Scalars:
         else:
             self.vram_max = max(self.vram_max, addr // self.cfg.vlen + extra_rows + 1)
 
-    def hbm_store(self, off, hi, lo, s, scale, slack=0):
+    def hbm_store(self, off, hi, lo, s, scale):
         if self.recording:
             self.events.append(("h", off, hi, lo, s, scale))
         if None in (off, hi, lo, s, scale):
@@ -134,7 +134,7 @@ class _Scalars:
         last = c.hbm_v_writeback_amount - 1
         e_end = base + off + ((last * s) & M32) + self.row_bytes
         s_end = base + scale + off // self.ratio + int(last * (s / self.ratio)) + c.vlen // self.block
-        self.hbm_end = max(self.hbm_end, e_end + slack, s_end + slack)
+        self.hbm_end = max(self.hbm_end, e_end, s_end)
 
     # ------------------------------------------------------------------ state snapshots
     def snapshot(self):

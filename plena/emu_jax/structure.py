@@ -245,14 +245,6 @@ def operands(item: Item, prog: DecodedProgram) -> list:
     return out
 
 
-def operand_count(item: Item) -> int:
-    if isinstance(item, Instr):
-        return INSTR_OPERANDS
-    if isinstance(item, Loop):
-        return 3 + sum(operand_count(it) for it in item.body)
-    return item.times * sum(operand_count(it) for it in item.body)
-
-
 def signature_tree(items: list, sigs: Signatures) -> tuple:
     """A hashable description of the emitted code (cache key of a compiled program)."""
     return tuple(sigs.keys[it.sig] if isinstance(it, Instr) else _sig_tree(it, sigs) for it in items)
@@ -264,11 +256,3 @@ def _sig_tree(item: Item, sigs: Signatures):
     if isinstance(item, Loop):
         return loop_key(item.reg, item.count, tuple(_sig_tree(it, sigs) for it in item.body))
     return ("R", item.times, tuple(_sig_tree(it, sigs) for it in item.body))
-
-
-def count_items(items) -> int:
-    """Items the executor emits code for (its compile-size measure)."""
-    n = 0
-    for it in items:
-        n += 1 if isinstance(it, Instr) else 1 + count_items(it.body)
-    return n

@@ -133,6 +133,25 @@ def fp_state_words(cfg) -> int:
     return (2 * heads_per_pass(cfg) + 1) * cfg.mlen
 
 
+
+def _mm_run(b: ProgramBuilder, regs, mram, x_addr: int, tile_col: int, o_addr: int, ncols: int, label: str):
+    """``out[:, o .. o+ncols] = X[MLEN rows] @ T[:, tile_col .. +ncols]`` with the MRAM tile in
+    slot 0 of ``mram``: one M_MM / M_MM_WO per BLEN x BLEN block (``regs``: four scratch gp)."""
+    mlen, blen = b.cfg.mlen, b.cfg.blen
+    p0, p1, p2, p3 = regs
+    b.li(p0, x_addr)
+    b.li(p1, o_addr)
+    with _repeat(b, mlen // blen, f"{label} rows"):
+        b.li(p2, mram.tile(0) + tile_col * mlen)
+        b.mov(p3, p1)
+        with _repeat(b, ncols // blen, f"{label} cols"):
+            b.emit("M_MM", 0, p2, p0)
+            b.emit("M_MM_WO", p3, GP0, 0)
+            b.add_imm(p2, blen * mlen)
+            b.add_imm(p3, blen)
+        b.add_imm(p0, blen * mlen)
+        b.add_imm(p1, blen * mlen)
+
 def flash_attention(b: ProgramBuilder, q: Union[VramMatrix, HbmTensor], k: HbmTensor, v: HbmTensor, *,
                     num_heads: int, num_kv_heads: int, head_dim: Optional[int] = None,
                     scale: Optional[float] = None,
@@ -287,18 +306,8 @@ def flash_attention(b: ProgramBuilder, q: Union[VramMatrix, HbmTensor], k: HbmTe
                                           M_OFF, L_OFF, A_ABS - gi * mlen, mask,
                                           fneg, fscale, (fa, fb, fc, fd, fe), (p0, p1, p2))
                             # PV = P @ V_t into lane g of pv[g]
-                            b.li(p0, scores.addr + g * mlen * mlen)
-                            b.li(p1, pv[g].addr(0) + g * d)
-                            with _repeat(b, mlen // blen, f"{name} pv rows"):
-                                b.li(p2, mram.tile(0) + kcol * mlen)
-                                b.mov(p3, p1)
-                                with _repeat(b, d // blen, f"{name} pv cols"):
-                                    b.emit("M_MM", 0, p2, p0)
-                                    b.emit("M_MM_WO", p3, GP0, 0)
-                                    b.add_imm(p2, blen * mlen)
-                                    b.add_imm(p3, blen)
-                                b.add_imm(p0, blen * mlen)
-                                b.add_imm(p1, blen * mlen)
+                            _mm_run(b, (p0, p1, p2, p3), mram, scores.addr + g * mlen * mlen, kcol,
+                                    pv[g].addr(0) + g * d, d, f"{name} pv")
                             # O = O * alpha + PV
                             b.li(p0, acc[g].addr(0))
                             b.li(p1, pv[g].addr(0))
@@ -429,7 +438,7 @@ def _flash_general(b, name, q, k, v, out, H, G, d, scale, causal, fp_state, s_pa
     """The general head-dim path (module docstring, "Other head dims"): one query head at a
     time, scores with M_TMM accumulated over the K strips of the head in m_accum."""
     cfg = b.cfg
-    mlen, blen = cfg.mlen, cfg.blen
+    mlen = cfg.mlen
     pt = cfg.hbm_m_prefetch_tiles
     P = cfg.hbm_m_prefetch_amount
     what = f"flash_attention {name!r}"
@@ -477,20 +486,7 @@ def _flash_general(b, name, q, k, v, out, H, G, d, scale, causal, fp_state, s_pa
             b.add_imm(p0, mlen)
 
     def mm_run(x_addr, tile_col, o_addr, ncols):
-        """``out[:, o .. o+ncols] = X[MLEN rows] @ T[:, tile_col .. +ncols]`` (M_MM / M_MM_WO
-        per BLEN x BLEN block) with the MRAM tile in slot 0."""
-        b.li(p0, x_addr)
-        b.li(p1, o_addr)
-        with _repeat(b, mlen // blen, f"{name} mm rows"):
-            b.li(p2, mram.tile(0) + tile_col * mlen)
-            b.mov(p3, p1)
-            with _repeat(b, ncols // blen, f"{name} mm cols"):
-                b.emit("M_MM", 0, p2, p0)
-                b.emit("M_MM_WO", p3, GP0, 0)
-                b.add_imm(p2, blen * mlen)
-                b.add_imm(p3, blen)
-            b.add_imm(p0, blen * mlen)
-            b.add_imm(p1, blen * mlen)
+        _mm_run(b, (p0, p1, p2, p3), mram, x_addr, tile_col, o_addr, ncols, f"{name} mm")
 
     b.comment(f"{what}: q {q.name} {q.shape}, {H} heads / {H // G} kv heads of {d}, scale={scale}, "
               f"causal={causal} (general head-dim path)")
