@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from plena.config import default_config
-from plena.emu_jax.ops_hbm import UnsupportedFormat, check_formats
+from plena.emu_jax.ops_hbm import PrecisionWarning, UnsupportedFormat, check_formats
 from plena.frontend import ProgramBuilder
 from plena.frontend import ops_basic as F
 from plena.golden import Policy
@@ -43,6 +43,18 @@ CASES = {
         hbm_v_kv_type=PlainFormat(FloatType(True, 4, 3)),
         hbm_m_kv_type=PlainFormat(FloatType(True, 4, 3)),
         matrix_sram_type=PlainFormat(FloatType(True, 8, 10))),
+    # types f32 does not hold: 32-bit e9m22 everywhere on chip, e10m21 scalar unit, 4-byte
+    # Plain e9m22 activations and KV in HBM
+    "beyond-f32-e9m22": _cfg(
+        vector_sram_type=PlainFormat(FloatType(True, 9, 22)),
+        matrix_sram_type=PlainFormat(FloatType(True, 9, 22)),
+        scalar_fp=FloatType(True, 10, 21),
+        hbm_v_act_type=PlainFormat(FloatType(True, 9, 22)),
+        hbm_v_kv_type=PlainFormat(FloatType(True, 9, 22))),
+    # Int32 VRAM and Int32 activations in HBM (values beyond 2**24 pass the f32 datapath)
+    "int32-vram-act": _cfg(
+        vector_sram_type=PlainFormat(IntType(32)),
+        hbm_v_act_type=PlainFormat(IntType(32))),
 }
 
 
@@ -53,7 +65,11 @@ def _bits(a):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_linear_rmsnorm_store_bit_exact(name):
     cfg = CASES[name]
-    check_formats(cfg)
+    if name.startswith(("beyond", "int32")):
+        with pytest.warns(PrecisionWarning, match="VECTOR_SRAM_TYPE"):
+            check_formats(cfg)
+    else:
+        check_formats(cfg)
     rng = np.random.default_rng(0)
     M, K, N = 8, 2 * cfg.mlen, 2 * cfg.mlen
     x = rng.standard_normal((M, K)).astype(np.float32) * 3
@@ -85,17 +101,24 @@ def test_linear_rmsnorm_store_bit_exact(name):
 
 def test_check_formats_names_the_key():
     with pytest.raises(UnsupportedFormat, match="VECTOR_SRAM_TYPE"):
-        check_formats(_cfg(vector_sram_type=PlainFormat(FloatType(True, 9, 10))))  # beyond f32
+        check_formats(_cfg(vector_sram_type=PlainFormat(FloatType(True, 9, 25))))  # 35 bits
     with pytest.raises(UnsupportedFormat, match="VECTOR_SRAM_TYPE"):
-        check_formats(_cfg(vector_sram_type=PlainFormat(IntType(32))))
+        check_formats(_cfg(vector_sram_type=PlainFormat(IntType(33))))
     with pytest.raises(UnsupportedFormat, match="SCALAR_FP"):
-        check_formats(_cfg(scalar_fp=FloatType(True, 11, 20)))
+        check_formats(_cfg(scalar_fp=IntType(16)))
+    with pytest.raises(UnsupportedFormat, match="MATRIX_SRAM_TYPE"):
+        check_formats(_cfg(matrix_sram_type=PlainFormat(FloatType(False, 1, 31))))
     with pytest.raises(UnsupportedFormat, match="HBM_V_ACT_TYPE"):
-        check_formats(_cfg(hbm_v_act_type=PlainFormat(FloatType(True, 9, 22))))  # beyond f32
-    # wider than bf16: now honoured (f32 containers, wide H_STORE_V slots)
+        check_formats(_cfg(hbm_v_act_type=PlainFormat(IntType(40))))
+    # wider than bf16: honoured (f32 containers, wide H_STORE_V slots)
     check_formats(WIDE)
     check_formats(_cfg(vector_sram_type=PlainFormat(FloatType(True, 8, 23)), scalar_fp=FloatType(True, 5, 10),
                        hbm_v_act_type=PlainFormat(FloatType(True, 8, 23))))
+    # beyond f32: honoured through the f32 datapath, with a warning naming the key
+    with pytest.warns(PrecisionWarning, match="SCALAR_FP"):
+        check_formats(_cfg(scalar_fp=FloatType(True, 11, 20)))
+    with pytest.warns(PrecisionWarning, match="MATRIX_SRAM_TYPE"):
+        check_formats(_cfg(matrix_sram_type=PlainFormat(FloatType(True, 5, 26))))
 
 
 # fp16 (e5m10) VRAM and MRAM, fp32 (e8m23) scalar unit, 16-bit Plain fp16 activations in HBM

@@ -40,6 +40,7 @@ import numpy as np
 from jax import lax
 
 from plena.emu_jax import dispatch, structure
+from plena.numerics import ieee
 from plena.emu_jax.effects import Fields, no_effect
 from plena.emu_jax.errors import Err
 from plena.emu_jax.state import Geometry, MachineState
@@ -232,9 +233,9 @@ def _tile_loop(geo: Geometry, sig, ops, st: MachineState) -> MachineState:
     acc = st.m_acc
     if n <= 32:  # the loop-order sum, unrolled (no loop overhead)
         for k in range(n):
-            acc = acc + parts[k]
+            acc = ieee.add(acc, parts[k])
     else:
-        acc = lax.fori_loop(0, n, lambda k, a: a + parts[k], acc)
+        acc = lax.fori_loop(0, n, lambda k, a: ieee.add(a, parts[k]), acc)
     bad = errs != 0
     first = (st.err == 0) & jnp.any(bad)
     err = errs[jnp.argmax(bad)]

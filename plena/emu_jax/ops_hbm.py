@@ -11,6 +11,7 @@ as 0). Reads past the end of HBM return 0; writes past its capacity are errors.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +22,7 @@ from plena.emu_jax.memory import (U32, add64, blocks_touched, err_if, first_err,
                                   mram_tile, read_rows_bits, to_vram_bits, u32, vram_row, write_target)
 from plena.emu_jax.state import Geometry
 from plena.numerics.containers import bits_to_f32, container_problem
-from plena.numerics import codec
+from plena.numerics import codec, mx
 from plena.numerics.formats import FloatType, IntType, MxFormat, PlainFormat
 from plena.numerics.minifloat import decode_table
 from plena.numerics.mx import mx_encode
@@ -44,17 +45,18 @@ def check_formats(cfg) -> None:
     emulator cannot honour; everything else is supported (docs/formats.md):
 
     * HBM transfer types (HBM_M_WEIGHT_TYPE, HBM_M_KV_TYPE, HBM_V_ACT_TYPE, HBM_V_KV_TYPE):
-      Plain Fp (exponent <= 8, mantissa <= 23) or Int, or Mx with a signed Fp (<= 16 bits,
+      Plain Fp or Int of up to 32 bits (decoded to f32 with RNE), or Mx with a signed Fp (<= 16 bits,
       exponent <= 7) or Int (2..16 bits) element and an 8-bit unsigned power-of-two scale
       (e8m0); elements of any width are packed little-endian, a row must be whole bytes and
       the block must divide the row. H_STORE_V formats (HBM_V_*) take elements of up to 32
       bits; the element and scale write slots are sized from the two formats
       (:func:`~.effects.hbm_elem_slot`, :func:`~.effects.hbm_scale_bytes`).
-    * VECTOR_SRAM_TYPE (Plain) and SCALAR_FP: Fp with 1..8 exponent and <= 23 mantissa bits, or
-      Int of at most 24 bits (VRAM only). Types that are subsets of bf16 keep the u16 bf16
-      containers; wider ones are held as u32 f32 bits (:mod:`plena.numerics.containers`).
-    * MATRIX_SRAM_TYPE: Plain Fp with exponent <= 8 and mantissa <= 23 or Int <= 24 bits (MRAM
-      holds f32).
+    * VECTOR_SRAM_TYPE, MATRIX_SRAM_TYPE (Plain) and SCALAR_FP (Fp): any type of the codec (Fp
+      up to 32 bits with <= 30 mantissa bits, Int up to 32 bits; no Int for SCALAR_FP). Types
+      that are subsets of bf16 keep the u16 bf16 containers; wider ones are held as u32 f32 bits
+      (:mod:`plena.numerics.containers`); a type f32 does not hold exactly (Int > 24 bits, Fp
+      with > 8 exponent or > 23 mantissa bits) is rounded to f32 by the datapath, with a
+      :class:`PrecisionWarning`.
     """
     p = cfg.precision
     keys = {"hbm_m_weight_type": "HBM_M_WEIGHT_TYPE", "hbm_m_kv_type": "HBM_M_KV_TYPE",
@@ -80,7 +82,7 @@ def check_formats(cfg) -> None:
                 bad(key, fmt, "elem_bits * block must be a multiple of the scale width")
         else:
             try:
-                codec.check_scalar_type(el, jnp_path=True)
+                codec.check_scalar_type(el)
             except (NotImplementedError, TypeError, ValueError) as e:
                 bad(key, fmt, str(e))
         if (row * el.width) % 8:
@@ -94,12 +96,24 @@ def check_formats(cfg) -> None:
     if why:
         bad("SCALAR_FP", sfp, why)
     m = p.matrix_sram_type
-    ok = isinstance(m, PlainFormat) and (
-        (isinstance(m.data, FloatType) and 1 <= m.data.exponent <= 8 and m.data.mantissa <= 23)
-        or (isinstance(m.data, IntType) and m.data.width <= 24))
-    if not ok:
-        bad("MATRIX_SRAM_TYPE", m, "MRAM holds f32: Plain Fp with exponent <= 8 and mantissa <= 23, "
-            "or Int <= 24 bits")
+    why = "MRAM holds Plain types only" if not isinstance(m, PlainFormat) else container_problem(m.data)
+    if why:
+        bad("MATRIX_SRAM_TYPE", m, why)
+    _warn_f32_datapath(cfg)
+
+
+class PrecisionWarning(UserWarning):
+    """A configured on-chip type holds values that the f32 datapath rounds."""
+
+
+def _warn_f32_datapath(cfg) -> None:
+    p = cfg.precision
+    for key, t in (("VECTOR_SRAM_TYPE", p.vector_sram_type.data), ("MATRIX_SRAM_TYPE", p.matrix_sram_type.data),
+                   ("SCALAR_FP", p.scalar_fp)):
+        if not codec.f32_holds(t):
+            warnings.warn(f"precision {key} = {t}: values this type holds beyond f32 (a 24-bit significand, "
+                  "exponents -149..127) are rounded to f32 by the f32 datapath (RNE, ±inf on overflow); "
+                  "see docs/formats.md", PrecisionWarning, stacklevel=3)
 
 
 def _scale_bytes(fmt, row_len: int) -> int:
@@ -131,7 +145,7 @@ def _decode_codes(fmt, raw, scale_raw, row_len):
     scale = scale_raw[:_scale_bytes(fmt, row_len)]
     elut = jnp.asarray(_elem_lut(el))
     slut = jnp.asarray(decode_table(fmt.scale).astype(np.float32))
-    return elut[codes.astype(jnp.int32)] * jnp.repeat(slut[scale.astype(jnp.int32)], fmt.block)
+    return mx.apply_scale(elut[codes.astype(jnp.int32)], jnp.repeat(slut[scale.astype(jnp.int32)], fmt.block))
 
 
 def _select(funct1, a, b):

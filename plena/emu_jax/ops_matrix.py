@@ -17,6 +17,7 @@ from plena.emu_jax.errors import Err
 from plena.emu_jax.memory import (U32, err_if, first_err, mram_tile, read_rows_bits, read_vram, tile_cols,
                                   tile_full, tile_rows, to_vram_bits, vram_block, u32, vram_row, write_target)
 
+from plena.numerics import ieee
 from plena.numerics.containers import bits_to_f32
 
 HIGHEST = lax.Precision.HIGHEST
@@ -44,7 +45,7 @@ def m_mm(geo, st, f):
     x, ev = read_vram(geo, st, st.gp[f.rs2], c.blen)
     cols = tile_cols(geo, st, tile, c0, c.blen)
     e = no_effect(geo, st)
-    return e._replace(m_acc=st.m_acc + _mm(x, cols), err=first_err(em, ev))
+    return e._replace(m_acc=ieee.add(st.m_acc, _mm(x, cols)), err=first_err(em, ev))
 
 
 def m_tmm(geo, st, f):
@@ -53,7 +54,7 @@ def m_tmm(geo, st, f):
     x, ev = read_vram(geo, st, st.gp[f.rs1], c.blen)
     rows = tile_rows(geo, st, tile, c0, c.blen)
     e = no_effect(geo, st)
-    return e._replace(m_acc=st.m_acc + _mm(x, rows.T), err=first_err(em, ev))
+    return e._replace(m_acc=ieee.add(st.m_acc, _mm(x, rows.T)), err=first_err(em, ev))
 
 
 def m_mv(geo, st, f):
@@ -67,7 +68,7 @@ def m_mv(geo, st, f):
     o = jnp.minimum(off, U32(c.mlen - c.blen)).astype(jnp.int32)
     cols = tile_cols(geo, st, tile, o, c.blen)
     e = no_effect(geo, st)
-    return e._replace(v_acc=st.v_acc + _mm(x, cols)[0], err=first_err(eo, et, ev))
+    return e._replace(v_acc=ieee.add(st.v_acc, _mm(x, cols)[0]), err=first_err(eo, et, ev))
 
 
 def m_tmv(geo, st, f):
@@ -78,7 +79,7 @@ def m_tmv(geo, st, f):
     x, ev = read_vram(geo, st, st.gp[f.rs2])
     rows = tile_rows(geo, st, tile, 0, c.blen)
     e = no_effect(geo, st)
-    return e._replace(v_acc=st.v_acc + _mm(x, rows.T)[0], err=first_err(eo, et, ev))
+    return e._replace(v_acc=ieee.add(st.v_acc, _mm(x, rows.T)[0]), err=first_err(eo, et, ev))
 
 
 # ------------------------------------------------------------------ write-outs (micro-stepped)
@@ -193,7 +194,7 @@ def _batched(geo, st, f, decode, product):
     if c.broadcast_amount * c.hlen != c.mlen:
         return e._replace(err=err)
     x = _batched_rows(geo, st, f)
-    return e._replace(hm_acc=st.hm_acc + BMM_SCALE * product(c, x, tile_full(geo, st, tile), h0), err=err)
+    return e._replace(hm_acc=ieee.add(st.hm_acc, ieee.mul(BMM_SCALE, product(c, x, tile_full(geo, st, tile), h0))), err=err)
 
 
 def _bmm_product(c, x, tile, h0):
@@ -225,7 +226,7 @@ def m_btmv(geo, st, f):
         return e._replace(err=first_err(em, ev))
     k = tile_cols(geo, st, tile, h0, c.hlen)  # [MLEN, HLEN]
     xh = x[0].reshape(c.broadcast_amount, c.hlen)
-    return e._replace(hv_acc=st.hv_acc + BMM_SCALE * _mm(xh, k.T), err=first_err(em, ev))
+    return e._replace(hv_acc=ieee.add(st.hv_acc, ieee.mul(BMM_SCALE, _mm(xh, k.T))), err=first_err(em, ev))
 
 
 def m_bmv(geo, st, f):

@@ -12,7 +12,7 @@ from plena.emu_jax.effects import Effect, no_effect
 from plena.emu_jax.errors import Err
 from plena.emu_jax.memory import (to_fp_bits, U32, err_if, first_err, fp_read, sram_index, to_vram_bits,
                                   vram_row, write_target)
-from plena.numerics import unary
+from plena.numerics import ieee, unary
 from plena.numerics.containers import bits_to_f32
 
 
@@ -71,12 +71,12 @@ def _binary_fp(op):
 
 def _half_max(a, b):
     """half::bf16::max: b if a is NaN or b > a, else a."""
-    return jnp.where(jnp.isnan(a) | (b > a), b, a)
+    return jnp.where(jnp.isnan(a) | ieee.greater(b, a), b, a)
 
 
-s_add_fp = _binary_fp(lambda a, b: a + b)
-s_sub_fp = _binary_fp(lambda a, b: a - b)
-s_mul_fp = _binary_fp(lambda a, b: a * b)
+s_add_fp = _binary_fp(ieee.add)
+s_sub_fp = _binary_fp(ieee.sub)
+s_mul_fp = _binary_fp(ieee.mul)
 s_max_fp = _binary_fp(_half_max)
 
 

@@ -15,7 +15,7 @@ from plena.emu_jax.errors import Err
 from plena.emu_jax.memory import (to_fp_bits, U32, err_if, first_err, fp_read, read_rows_bits, read_vram,
                                   sram_index, to_vram_bits, vram_row, write_target)
 from plena.emu_jax.state import TOPK_MAX, Geometry
-from plena.numerics import unary
+from plena.numerics import ieee, unary
 from plena.numerics.containers import bits_to_f32
 from plena.numerics.reduce import torch_sum
 
@@ -54,19 +54,19 @@ def _elementwise(op, scalar_operand: bool):
 
 def _clamp_min(a, s):
     """libtorch clamp_min: NaN elements stay NaN; a NaN bound fills the result with NaN."""
-    return jnp.where(jnp.isnan(s), s, jnp.where(jnp.isnan(a), a, jnp.maximum(a, s)))
+    return jnp.where(jnp.isnan(s), s, jnp.where(jnp.isnan(a), a, ieee.maximum(a, s)))
 
 
 def _clamp_max(a, s):
-    return jnp.where(jnp.isnan(s), s, jnp.where(jnp.isnan(a), a, jnp.minimum(a, s)))
+    return jnp.where(jnp.isnan(s), s, jnp.where(jnp.isnan(a), a, ieee.minimum(a, s)))
 
 
-v_add_vv = _elementwise(lambda a, b, f: a + b, False)
-v_sub_vv = _elementwise(lambda a, b, f: a - b, False)
-v_mul_vv = _elementwise(lambda a, b, f: a * b, False)
-v_add_vf = _elementwise(lambda a, s, f: a + s, True)
-v_sub_vf = _elementwise(lambda a, s, f: jnp.where(f.funct1 == 0, a - s, s - a), True)
-v_mul_vf = _elementwise(lambda a, s, f: a * s, True)
+v_add_vv = _elementwise(lambda a, b, f: ieee.add(a, b), False)
+v_sub_vv = _elementwise(lambda a, b, f: ieee.sub(a, b), False)
+v_mul_vv = _elementwise(lambda a, b, f: ieee.mul(a, b), False)
+v_add_vf = _elementwise(lambda a, s, f: ieee.add(a, s), True)
+v_sub_vf = _elementwise(lambda a, s, f: jnp.where(f.funct1 == 0, ieee.sub(a, s), ieee.sub(s, a)), True)
+v_mul_vf = _elementwise(lambda a, s, f: ieee.mul(a, s), True)
 v_max_vf = _elementwise(lambda a, s, f: _clamp_min(a, s), True)
 v_min_vf = _elementwise(lambda a, s, f: _clamp_max(a, s), True)
 
@@ -96,15 +96,15 @@ def v_red_sum(geo, st, f):
                          jnp.repeat(head_sums, c.hlen), a[: heads * c.hlen])
     row = jnp.where(f.rs3 == 0, a, jnp.concatenate([replaced, a[heads * c.hlen:]]))
     acc, er = fp_read(st, f.rd)
-    return _fp_dest(geo, st, f, acc + torch_sum(row), ea, er)
+    return _fp_dest(geo, st, f, ieee.add(acc, torch_sum(row)), ea, er)
 
 
 def v_red_max(geo, st, f):
     """fp[rd] = bf16(rust_max(torch_max(a), fp[rd])): torch max propagates NaN, Rust's ignores it."""
     a, ea = read_vram(geo, st, st.gp[f.rs1])
-    m = jnp.max(a[0])  # jnp.max propagates NaN like torch.max
+    m = ieee.max_reduce(a[0])  # propagates NaN like torch.max
     acc, er = fp_read(st, f.rd)
-    res = jnp.where(jnp.isnan(m), acc, jnp.where(jnp.isnan(acc), m, jnp.maximum(m, acc)))
+    res = jnp.where(jnp.isnan(m), acc, jnp.where(jnp.isnan(acc), m, ieee.maximum(m, acc)))
     return _fp_dest(geo, st, f, res, ea, er)
 
 

@@ -604,7 +604,7 @@ class ProgramBuilder:
                 if fmt.scale.width != 8:
                     raise NotImplementedError("MX scales must be 8 bits wide")
             elif isinstance(fmt, PlainFormat):
-                codec.check_scalar_type(fmt.data, jnp_path=True)
+                codec.check_scalar_type(fmt.data)
             else:
                 raise TypeError(f"not a storage format: {fmt!r}")
         except (NotImplementedError, TypeError, ValueError) as e:

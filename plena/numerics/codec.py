@@ -72,7 +72,7 @@ __all__ = [
     "SUBNORMALS", "SPECIALS", "encode", "encode_np", "decode", "decode_np", "round_to",
     "round_to_np", "max_finite", "sub_exponent", "mx_encode", "mx_encode_np", "mx_decode",
     "mx_decode_np", "mx_round", "mx_round_np", "pack_codes_np", "unpack_codes_np", "unpack_codes",
-    "check_scalar_type", "check_mx_format", "subset_of_bf16",
+    "check_scalar_type", "check_mx_format", "subset_of_bf16", "f32_holds",
 ]
 
 SUBNORMALS = ("plena", "ieee")
@@ -83,8 +83,8 @@ SPECIALS = ("ieee", "fn", "finite")
 # descriptors
 # =============================================================================================
 
-def check_scalar_type(t: DataType, *, jnp_path: bool = False) -> None:
-    """Raise if ``t`` is not a type this codec handles (``jnp_path``: the jit-able path)."""
+def check_scalar_type(t: DataType) -> None:
+    """Raise if ``t`` is not a type this codec handles (both the jnp and the numpy path)."""
     if isinstance(t, IntType):
         if not 1 <= t.width <= 32:
             raise NotImplementedError(f"{t}: integer widths 1..32 are supported")
@@ -95,10 +95,16 @@ def check_scalar_type(t: DataType, *, jnp_path: bool = False) -> None:
         raise ValueError(f"{t}: a float type needs at least one exponent bit")
     if t.width > 32:
         raise NotImplementedError(f"{t}: float types of at most 32 bits are supported")
-    if jnp_path and (t.exponent > 8 or t.mantissa > 23):
-        raise NotImplementedError(
-            f"{t}: the jnp codec handles exponent <= 8 and mantissa <= 23 (f32's range); use the "
-            "numpy twin for wider fields")
+    if t.mantissa > 30:
+        raise NotImplementedError(f"{t}: float types with at most 30 mantissa bits are supported")
+
+
+def f32_holds(t: DataType) -> bool:
+    """Whether every value of ``t`` is an f32 value (float: exponent <= 8 and mantissa <= 23;
+    integer: at most 24 bits). Decoding other types rounds to f32 (RNE, overflow to ±inf)."""
+    if isinstance(t, IntType):
+        return t.width <= 24
+    return t.exponent <= 8 and t.mantissa <= 23
 
 
 def sub_exponent(t: FloatType, subnormals: str = "plena") -> int:
@@ -223,7 +229,8 @@ def _encode_fp(xp, bits, t: FloatType, subnormals: str, specials: str, saturate:
         over_code, nan_code = max_code, u(0)
     if saturate:
         over_code = max_code
-    overflow = is_inf | (code > max_code)
+    # (the exponent test catches codes whose exponent field would not fit before the shift)
+    overflow = is_inf | (code > max_code) | (normal & (ef_n > (1 << E) - 1))
     code = xp.where(overflow, over_code, code)
     code = xp.where(is_zero, u(0), code)
 
@@ -275,6 +282,49 @@ def _decode_fp_bits(xp, codes, t: FloatType, subnormals: str, specials: str):
         spec = (ef == all_e) & (mant == u((1 << M) - 1))
         out = xp.where(spec, u(0x7FC00000), out)
     return (out | sgn).astype(xp.uint32)
+
+
+def _round_to_f32_bits(sig, k):
+    """f32 bits of ``sig * 2**k`` (jnp; ``sig`` uint32, ``k`` int32): RNE, gradual underflow,
+    ±inf on overflow, all in integer arithmetic (no FTZ). ``sig == 0`` gives +0."""
+    u = lambda v: jnp.asarray(v, dtype=jnp.uint32)
+    lz = jax.lax.clz(sig).astype(jnp.int32)
+    s = sig << jnp.clip(lz, 0, 31).astype(jnp.uint32)  # top bit at 31
+    e = 31 - lz + k  # the value lies in [2**e, 2**(e+1))
+    drop = 8 + jnp.clip(-126 - e, 0, 40)  # low bits of s that do not fit
+    d = jnp.clip(drop, 1, 31).astype(jnp.uint32)
+    q = s >> d
+    rem = s & ((u(1) << d) - u(1))
+    half = u(1) << (d - u(1))
+    q = q + ((rem > half) | ((rem == half) & ((q & u(1)) == u(1)))).astype(jnp.uint32)
+    q = jnp.where(drop == 32, (s > u(0x80000000)).astype(jnp.uint32), jnp.where(drop > 32, u(0), q))
+    carry = q >= u(1 << 24)  # rounding carried into the next binade (normal results)
+    en = e + carry.astype(jnp.int32)
+    qn = jnp.where(carry, q >> u(1), q)
+    normal = ((en + 127).astype(jnp.uint32) << u(23)) | (qn & u(0x7FFFFF))
+    normal = jnp.where(en + 127 >= 255, u(0x7F800000), normal)
+    out = jnp.where(e >= -126, normal, q)  # q == 2**23 is the smallest normal's bit pattern
+    return jnp.where(sig == u(0), u(0), out)
+
+
+def _decode_fp_bits_rounded(codes, t: FloatType, subnormals: str, specials: str):
+    """f32 bits (jnp) of codes of any float type up to 32 bits: the value rounded to f32 (RNE,
+    overflow to ±inf), for types f32 does not hold exactly (exponent > 8 or mantissa > 23)."""
+    u = lambda v: jnp.asarray(v, dtype=jnp.uint32)
+    M, E, bias = t.mantissa, t.exponent, t.bias
+    c = jnp.asarray(codes).astype(jnp.uint32) & u((1 << t.width) - 1 if t.width < 32 else 0xFFFFFFFF)
+    mant = c & u((1 << M) - 1)
+    ef = ((c >> u(M)) & u((1 << E) - 1)).astype(jnp.int32)
+    neg = ((c >> u(E + M)) & u(1)) if t.sign else jnp.zeros_like(c)
+    sig = jnp.where(ef == 0, mant, mant | u(1 << M))
+    k = jnp.where(ef == 0, sub_exponent(t, subnormals) - M, ef - bias - M)
+    out = _round_to_f32_bits(sig, k)
+    all_e = (1 << E) - 1
+    if specials == "ieee":
+        out = jnp.where(ef == all_e, jnp.where(mant == u(0), u(0x7F800000), u(0x7FC00000)), out)
+    elif specials == "fn":
+        out = jnp.where((ef == all_e) & (mant == u((1 << M) - 1)), u(0x7FC00000), out)
+    return out | (neg << u(31))
 
 
 def _decode_fp_np_wide(codes, t: FloatType, subnormals: str, specials: str) -> np.ndarray:
@@ -347,7 +397,7 @@ def encode(x, t: DataType, subnormals: str = "plena", specials: str = "ieee",
            saturate: bool = False) -> jnp.ndarray:
     """Codes (``uint32``) of the f32 values ``x`` in type ``t``, RNE (see the module docstring
     for the conventions). jit-able; ``t`` and the switches are static."""
-    check_scalar_type(t, jnp_path=True)
+    check_scalar_type(t)
     _check_conv(subnormals, specials)
     if isinstance(t, IntType):
         return _encode_int(jnp, x, t)
@@ -368,12 +418,14 @@ def encode_np(x, t: DataType, subnormals: str = "plena", specials: str = "ieee",
 
 @functools.partial(jax.jit, static_argnames=("t", "subnormals", "specials"))
 def decode(codes, t: DataType, subnormals: str = "plena", specials: str = "ieee") -> jnp.ndarray:
-    """f32 values of integer codes of type ``t`` (low ``t.width`` bits used). Exact for float
-    types with exponent <= 8 and mantissa <= 23 (the jnp path's limit)."""
-    check_scalar_type(t, jnp_path=True)
+    """f32 values of integer codes of type ``t`` (low ``t.width`` bits used): exact when
+    :func:`f32_holds` (``t``), else rounded to f32 (RNE, overflow to ±inf, gradual underflow)."""
+    check_scalar_type(t)
     _check_conv(subnormals, specials)
     if isinstance(t, IntType):
         return _decode_int(jnp, codes, t)
+    if not f32_holds(t):
+        return f32_from_bits(_decode_fp_bits_rounded(codes, t, subnormals, specials))
     return f32_from_bits(_decode_fp_bits(jnp, codes, t, subnormals, specials))
 
 
@@ -385,7 +437,7 @@ def decode_np(codes, t: DataType, subnormals: str = "plena", specials: str = "ie
     with np.errstate(all="ignore"):
         if isinstance(t, IntType):
             return _decode_int(np, codes, t)
-        if t.exponent <= 8 and t.mantissa <= 23:
+        if f32_holds(t):
             return f32_from_bits_np(_decode_fp_bits(np, codes, t, subnormals, specials))
         return _decode_fp_np_wide(codes, t, subnormals, specials)
 

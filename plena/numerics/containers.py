@@ -9,7 +9,8 @@ VRAM rows (VECTOR_SRAM_TYPE) and the fp registers / FP SRAM (SCALAR_FP) hold
 * **f32 bits** (``uint32``) otherwise ("wide" types: e.g. fp16 e5m10, fp32 e8m23, e6m9,
   Int16), the values rounded to the type (RNE, :func:`plena.numerics.codec.round_to`), which
   f32 holds exactly for float types with exponent <= 8 and mantissa <= 23 and integers of at
-  most 24 bits.
+  most 24 bits. Wider types (e9m22, e5m26, Int32 ...) are held as their values rounded to f32
+  (RNE, ±inf beyond f32's range): the machine's datapath is f32, as in the reference.
 
 The choice is static (made from the config), so the default machine is unchanged. The reader
 functions dispatch on the dtype of the bits they are given, so code that reads a container
@@ -45,15 +46,17 @@ def container_dtype(t: DataType):
 
 
 def container_problem(t: DataType, *, ints: bool = True) -> str | None:
-    """Why a memory cannot hold type ``t`` in either container (None if it can)."""
-    if isinstance(t, IntType):
-        if not ints:
-            return "an integer type is not allowed here"
-        return None if 1 <= t.width <= 24 else "integer types of at most 24 bits (exact in f32)"
-    if not isinstance(t, FloatType):
-        return f"unknown data type {t!r}"
-    if not (1 <= t.exponent <= 8 and t.mantissa <= 23):
-        return "float types need 1..8 exponent and at most 23 mantissa bits (values held in f32)"
+    """Why a memory cannot hold type ``t`` (None if it can). Every type of the codec can be held;
+    a type f32 does not hold exactly (:func:`plena.numerics.codec.f32_holds`: Int > 24 bits,
+    Fp with > 8 exponent or > 23 mantissa bits) is held as its values rounded to f32, the
+    precision of the f32 datapath (docs/formats.md)."""
+    from .codec import check_scalar_type
+    if isinstance(t, IntType) and not ints:
+        return "an integer type is not allowed here"
+    try:
+        check_scalar_type(t)
+    except (NotImplementedError, TypeError, ValueError) as e:
+        return str(e)
     return None
 
 

@@ -63,6 +63,7 @@ from jax import lax
 from .bf16 import f32_bits, f32_bits_np, f32_from_bits, f32_from_bits_np
 from .formats import FloatType, MxFormat
 from .minifloat import decode_table
+from . import ieee
 
 __all__ = [
     "mx_decode",
@@ -355,21 +356,26 @@ def _mx_decode(xp, elem_codes, scale_codes, fmt: MxFormat):
     eb = _split_blocks(xp, ec, fmt.block)
     if sc.shape != eb.shape[:-1]:
         raise ValueError(f"scale codes {sc.shape} do not match {eb.shape[:-1]} blocks")
-    elem = et[eb]
-    scale = st[sc][..., None]
+    out = _apply_scale(xp, et[eb], st[sc][..., None])
+    return out.reshape(out.shape[:-2] + (-1,))
+
+
+def _apply_scale(xp, elem, scale):
+    """IEEE f32 ``elem * scale`` (broadcasting) without FTZ/DAZ: exact on the bits for
+    power-of-two scales, a plain multiply otherwise."""
     ebits, sbits = _bits(xp, elem), _bits(xp, scale)
     s_exp = ((sbits >> _u32(xp, 23)) & _u32(xp, 0xFF)).astype(xp.int32)
     pow2 = ((sbits & _u32(xp, 0x7FFFFF)) == 0) & (s_exp >= 1) & (s_exp <= 254)
     exact = _float(xp, _ldexp_bits(xp, ebits ^ (sbits & _u32(xp, 0x80000000)), s_exp - 127))
-    # other scales (0, inf, NaN, non-powers of two): a plain multiply; keep subnormal elements
-    # away from DAZ by replacing them with a same-signed normal (0 * x and inf * x do not care)
-    e_mag = ebits & _u32(xp, 0x7FFFFFFF)
-    e_sub = (e_mag != 0) & (e_mag < _u32(xp, 0x00800000))
-    safe = xp.where(e_sub, _float(xp, (ebits & _u32(xp, 0x80000000)) | _u32(xp, 0x00800000)), elem)
-    s_mag = sbits & _u32(xp, 0x7FFFFFFF)
-    other = xp.where((s_mag == 0) | (s_mag >= _u32(xp, 0x7F800000)), safe, elem) * scale
-    out = xp.where(pow2, exact, other).astype(xp.float32)
-    return out.reshape(out.shape[:-2] + (-1,))
+    # other scales (0, inf, NaN, non-powers of two): an IEEE multiply (numpy keeps subnormals;
+    # jnp through plena.numerics.ieee, since XLA:CPU flushes them)
+    other = ieee.mul(elem, scale) if xp is jnp else elem * scale
+    return xp.where(pow2, exact, other).astype(xp.float32)
+
+
+def apply_scale(elem, scale) -> jnp.ndarray:
+    """``f32(elem * scale)`` as MX decode forms it (jnp; subnormal products kept)."""
+    return _apply_scale(jnp, jnp.asarray(elem, jnp.float32), jnp.asarray(scale, jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames="fmt")

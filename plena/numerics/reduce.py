@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from .ieee import add as _add
+
 _ILP = 4
 _LEVELS = 4
 
@@ -34,18 +36,18 @@ def _multi_row_sum(rows: list, zero):
     i = 0
     while i + level_step <= size:
         for _ in range(level_step):
-            acc[0] = acc[0] + rows[i]
+            acc[0] = _add(acc[0], rows[i])
             i += 1
         for j in range(1, _LEVELS):
-            acc[j] = acc[j] + acc[j - 1]
+            acc[j] = _add(acc[j], acc[j - 1])
             acc[j - 1] = zero
             if i & (level_mask << (j * level_power)):
                 break
     while i < size:
-        acc[0] = acc[0] + rows[i]
+        acc[0] = _add(acc[0], rows[i])
         i += 1
     for j in range(1, _LEVELS):
-        acc[0] = acc[0] + acc[j]
+        acc[0] = _add(acc[0], acc[j])
     return acc[0]
 
 
@@ -60,9 +62,9 @@ def _row_sum(items: list, zero):
     else:
         parts = [zero] * _ILP
     for i in range(size_ilp * _ILP, n):
-        parts[0] = parts[0] + items[i]
+        parts[0] = _add(parts[0], items[i])
     for k in range(1, _ILP):
-        parts[0] = parts[0] + parts[k]
+        parts[0] = _add(parts[0], parts[k])
     return parts[0]
 
 
@@ -78,7 +80,7 @@ def torch_sum(x, lanes: int = 8) -> jnp.ndarray:
     vacc = _row_sum(vecs, jnp.zeros(x.shape[:-1] + (lanes,), jnp.float32))
     final = zero
     for k in range(nvec * lanes, n):
-        final = final + x[..., k]
+        final = _add(final, x[..., k])
     for lane in range(lanes):
-        final = final + vacc[..., lane]
+        final = _add(final, vacc[..., lane])
     return final
