@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from plena.config import default_config
+from plena.config import ConfigError, default_config
 from plena.emu_jax.ops_hbm import PrecisionWarning, UnsupportedFormat, check_formats
 from plena.frontend import ProgramBuilder
 from plena.frontend import ops_basic as F
@@ -43,14 +43,16 @@ CASES = {
         hbm_v_kv_type=PlainFormat(FloatType(True, 4, 3)),
         hbm_m_kv_type=PlainFormat(FloatType(True, 4, 3)),
         matrix_sram_type=PlainFormat(FloatType(True, 8, 10))),
-    # types f32 does not hold: 32-bit e9m22 everywhere on chip, e10m21 scalar unit, 4-byte
-    # Plain e9m22 activations and KV in HBM
+    # types f32 does not hold: e9m10 VRAM (a 9-bit exponent; mantissa short enough that
+    # products with the weights are exact, see docs/formats.md), e9m22 MRAM, e10m21 scalar unit,
+    # 4-byte Plain e9m22 activations and KV in HBM
     "beyond-f32-e9m22": _cfg(
-        vector_sram_type=PlainFormat(FloatType(True, 9, 22)),
+        vector_sram_type=PlainFormat(FloatType(True, 9, 10)),
         matrix_sram_type=PlainFormat(FloatType(True, 9, 22)),
         scalar_fp=FloatType(True, 10, 21),
         hbm_v_act_type=PlainFormat(FloatType(True, 9, 22)),
-        hbm_v_kv_type=PlainFormat(FloatType(True, 9, 22))),
+        hbm_v_kv_type=PlainFormat(FloatType(True, 9, 22)),
+        hbm_m_kv_type=PlainFormat(FloatType(True, 9, 22))),
     # Int32 VRAM and Int32 activations in HBM (values beyond 2**24 pass the f32 datapath)
     "int32-vram-act": _cfg(
         vector_sram_type=PlainFormat(IntType(32)),
@@ -108,7 +110,7 @@ def test_check_formats_names_the_key():
         check_formats(_cfg(scalar_fp=IntType(16)))
     with pytest.raises(UnsupportedFormat, match="MATRIX_SRAM_TYPE"):
         check_formats(_cfg(matrix_sram_type=PlainFormat(FloatType(False, 1, 31))))
-    with pytest.raises(UnsupportedFormat, match="HBM_V_ACT_TYPE"):
+    with pytest.raises(ConfigError, match="HBM_V_ACT_TYPE"):  # the config already refuses it
         check_formats(_cfg(hbm_v_act_type=PlainFormat(IntType(40))))
     # wider than bf16: honoured (f32 containers, wide H_STORE_V slots)
     check_formats(WIDE)

@@ -183,6 +183,44 @@ def test_wide_formats_numpy_path():
     assert np.array_equal(r.view(np.uint32), want.view(np.uint32))
 
 
+@pytest.mark.parametrize("t", [F(True, 9, 3), F(False, 11, 4), F(True, 12, 3), F(True, 9, 22), F(True, 10, 21),
+                               F(False, 9, 23), F(True, 15, 16), F(True, 5, 26), F(True, 2, 29),
+                               F(True, 31, 0)], ids=str)
+def test_jnp_codec_beyond_f32_equals_numpy_twin(t):
+    """Types f32 does not hold (exponent > 8 or mantissa > 23): the jit-able codec decodes to
+    the nearest f32 (RNE, ±inf on overflow, gradual underflow) exactly as the float64 numpy
+    twin does, and encodes as the 64-bit numpy kernel does."""
+    assert not codec.f32_holds(t)
+    rng = np.random.default_rng(t.width)
+    codes = (np.arange(1 << t.width, dtype=np.uint32) if t.width <= 16
+             else rng.integers(0, 1 << t.width, 200_000, dtype=np.uint64).astype(np.uint32))
+    got, want = np.asarray(codec.decode(codes, t)), codec.decode_np(codes, t)
+    same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
+    assert same.all(), [(hex(c), g, w) for c, g, w in zip(codes[~same][:3], got[~same], want[~same])]
+    x = _random_f32(100_000, t.width)
+    assert np.array_equal(np.asarray(codec.encode(x, t)), codec.encode_np(x, t))
+
+
+def test_beyond_f32_values_round_to_f32():
+    e9 = F(True, 9, 22)  # bias 255: 2**200 and 2**-200 are normal e9m22 values, beyond f32
+    big, tiny = (0x1C8 << 22), (0x37 << 22)
+    assert codec.decode_np(np.array([big, tiny], np.uint32), e9).tolist() == [np.inf, 0.0]
+    assert np.asarray(codec.decode(np.array([big, tiny | (1 << 31)], np.uint32), e9)).tolist() == [np.inf, -0.0]
+    # a value just below 2**-149 rounds up to the smallest f32 subnormal; at 2**-150 it ties to 0
+    t = F(True, 9, 3)
+    just_below = ((255 - 150) << 3) | 0b111  # 1.875 * 2**-150
+    tie = (255 - 150) << 3  # 2**-150
+    assert np.asarray(codec.decode(np.array([just_below, tie], np.uint32), t)).view(np.uint32).tolist() == [1, 0]
+    # wide mantissas: every f32 in the type's range is exact (round trip)
+    w = F(True, 5, 26)
+    x = np.float32([1.0, -3.1415927, 6.1e4, 2.0 ** -14 * 1.2345678])
+    assert np.array_equal(np.asarray(codec.round_to(x, w)), x)
+    i32 = IntType(32)
+    v = np.float32([2.0 ** 30 + 128, -(2.0 ** 31), 3e9, -3e9, 16777217.0])
+    assert np.asarray(codec.round_to(v, i32)).tolist() == [2.0 ** 30 + 128, -(2.0 ** 31), 2.0 ** 31, -(2.0 ** 31),
+                                                            16777216.0]
+
+
 # ---------------------------------------------------------------------------------------------
 # MX
 # ---------------------------------------------------------------------------------------------
