@@ -49,10 +49,8 @@ Measurements
     peak-memory target is RSS <= 2 x touched + 1 GiB.
     identical = the final VRAM, MRAM, FP SRAM and INT SRAM equal the reference interpreter's
     (trailing zeros ignored, as the executors size their windows differently). The numpy
-    baseline is expected to differ where an f32 result is subnormal: numpy keeps it (as the
-    reference's libtorch does), XLA:CPU flushes it to zero (docs/emulator.md, known
-    limitations); ci_flash_attention_m64b16b2s32 has such values (V_MUL_VF at pc 234 writes
-    bf16 subnormals), so its numpy row reads "NO".
+    baseline keeps f32 subnormals as the emulator does (``plena.numerics.ieee``), so a "NO"
+    there is a real difference.
     Ratios are speed ratios: b/a = run s(a) / run s(b) (> 1: b is faster); b/d < 1 means
     emulation is slower than the golden, and "emulation <= 10x the golden" is b/d >= 0.1.
     The batch target runs ``benchmarks/batch.py`` (64 input sets of aten_linear) in a child.
@@ -482,8 +480,7 @@ def print_tables(wls, rows, tgts, fast_note):
                   "" if ok_mem is None else ("yes" if ok_mem else "NO"),
                   "" if same is None else ("yes" if same else "NO"), r.get("note", ""))
     con.print(t)
-    con.print("* run s extrapolated from a time-capped run (see note). A numpy row that is not identical "
-              "to (a) differs by f32 subnormals (kept by numpy, flushed by XLA:CPU; see the docstring).")
+    con.print("* run s extrapolated from a time-capped run (see note).")
     if fast_note:
         con.print(f"[bold]Note:[/bold] {fast_note}")
     rt = Table(title="speed ratios: run s(x) / run s(b)")

@@ -21,9 +21,8 @@ instruction, exp evaluated in float64 and rounded to f32 (spec §8), V_RED_SUM i
 
 Known differences from ``plena.emu_jax`` (see ``tests/test_numpy_baseline.py``):
 
-* numpy keeps f32 subnormals; XLA:CPU flushes them (docs/emulator.md, known limitations). A
-  result whose f32 intermediate is below 2**-126 can differ (numpy is then closer to the
-  reference).
+* Subnormals: numpy keeps f32 subnormals, and so does the emulator (``plena.numerics.ieee``),
+  except inside one matmul's dot (XLA's), see docs/emulator.md.
 * Matmul partial sums use OpenBLAS's summation order, the emulator XLA's; the spec (§8) notes
   both are nearly always exact for MX x bf16 products, but a rare 1-ulp bf16 difference after
   M_*_WO is possible.

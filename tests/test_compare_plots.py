@@ -76,3 +76,73 @@ def test_compare_two_dump_folders(tmp_path, capsys):
     rc = cli_main(["compare", str(a_dir), str(a_dir), "--png", str(tmp_path / "same")])
     assert rc == 0 and not (tmp_path / "same" / "first_divergence.png").exists()
     _png_ok(tmp_path / "same" / "stage_errors.png")
+
+
+def test_compare_two_wide_dump_folders(tmp_path, capsys):
+    """fp16 VRAM (the u32 f32 container in the emulator; 2-byte fp16 codes in vram_dump.bin):
+    ``plena compare --config`` reads the codes, the planted one-bit difference is the first
+    divergence, with the error computed from numpy's own fp16 decoding."""
+    from test_formats_e2e import WIDE
+
+    from plena.numerics.containers import bits_to_f32_np
+
+    rng = np.random.default_rng(0)
+    b = ProgramBuilder(WIDE)
+    x = b.hbm_input("x", rng.standard_normal((8, 32)).astype(np.float32), pad_rows=WIDE.hbm_v_prefetch_amount)
+    w = b.hbm_input("w", rng.standard_normal((32, 32)).astype(np.float32) / 6, use="weight",
+                    pad_rows=WIDE.hbm_m_prefetch_amount)
+    y = F.linear(b, x, w, name="lin")
+    F.rms_norm(b, y, name="rms")
+    prog = b.build()
+    res = prog.run()
+    dumps = res.dumps()
+    assert dumps.vram.dtype == np.uint32 and dumps.vram_type is not None
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    prog.write(a_dir)
+    write_dump_dir(dumps, a_dir)
+    shutil.copytree(a_dir, b_dir)
+    settings = a_dir / "plena_settings.toml"
+    meta = json.loads((a_dir / "tensors.json").read_text())["tensors"]
+    vram_names = [n for n, t in meta.items() if t["kind"] == "vram"]
+    # plant: flip the lowest mantissa bit of the fp16 code of element (2, 5) of the linear output
+    target = next(n for n in vram_names if n.startswith("lin") and "out" in n)
+    cols = meta[target]["shape"][1]
+    addr = meta[target]["address"] + 2 * cols + 5
+    raw = np.fromfile(b_dir / "vram_dump.bin", dtype="<u2")
+    assert raw.size == dumps.vram.size  # 2 bytes per element
+    before = raw[addr]
+    raw[addr] ^= 1
+    raw.tofile(b_dir / "vram_dump.bin")
+    f16 = lambda c: float(np.array([c], np.uint16).view(np.float16)[0])  # noqa: E731
+    want = abs(f16(before) - f16(raw[addr]))
+    assert want > 0
+
+    rep, ta, tb = compare_dump_folders(a_dir, b_dir, a_dir / "tensors.json", cfg=WIDE)
+    st = rep[target]
+    assert rep.first_divergent_stage.name == target
+    assert st.same == st.size - 1 and st.max_abs == want
+    assert rep.first_divergence.index == (2, 5)
+    assert all(rep[n].exact for n in vram_names if n != target)
+    # A's tensors are the run's VRAM (f32 container) values: fp16 values, not all of them bf16
+    for n in vram_names:
+        t = meta[n]
+        rows, c = t["shape"]
+        got = np.zeros(rows * c, np.uint32)
+        have = dumps.vram[t["address"]: t["address"] + rows * c]
+        got[: len(have)] = have
+        assert np.array_equal(ta[n].view(np.uint32), bits_to_f32_np(got).reshape(rows, c).view(np.uint32)), n
+    assert np.array_equal(ta[target].astype(np.float16).astype(np.float32), ta[target])
+    assert not np.array_equal(bf16_bits_to_f32_np((ta[target].view(np.uint32) >> 16).astype(np.uint16)),
+                              ta[target])
+
+    png = tmp_path / "png"
+    rc = cli_main(["compare", str(a_dir), str(b_dir), "--config", str(settings), "--png", str(png)])
+    out = capsys.readouterr().out
+    assert rc == 1
+    line = next(ln for ln in out.splitlines() if ln.startswith(target))
+    assert float(line.split()[3]) == float(f"{want:.6g}")  # max abs column
+    assert f"first divergence: {rep.first_divergence}" in out
+    _png_ok(png / "stage_errors.png")
+    _png_ok(png / "first_divergence.png")
+    rc = cli_main(["compare", str(a_dir), str(a_dir), "--settings", str(settings), "--png", str(tmp_path / "s")])
+    assert rc == 0 and not (tmp_path / "s" / "first_divergence.png").exists()

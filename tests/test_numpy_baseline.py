@@ -47,7 +47,8 @@ def _padded_equal(a, b) -> int:
 
 
 # aten_ffn needs one more emulator compile; benchmarks/executors.py compares it ("identical to a")
-@pytest.mark.parametrize("name", ["aten_linear", "aten_rms_norm", "aten_softmax",
+# de_dllm1 writes bf16 subnormals (MX decode at pc 9), which numpy keeps like the reference
+@pytest.mark.parametrize("name", ["aten_linear", "aten_rms_norm", "aten_softmax", "de_dllm1",
                                   pytest.param("aten_ffn", marks=pytest.mark.slow)])
 def test_same_state_as_emulator(name):
     from plena.emu_jax.api import run

@@ -8,6 +8,7 @@ builder's static per-stage instruction counts; files edited by hand for the dump
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -26,11 +27,12 @@ from plena.emu_jax.profile import (OTHER, PcProfile, run_with_progress, stage_pr
                                    stages_from_json)
 from plena.emu_jax.trace import MEMORIES, REG_NAMES, Trace, run_traced
 from plena.frontend import GP0, ProgramBuilder
+from plena.frontend import ops_basic as F
 from plena.isa import assemble, disassemble_word, read_mem
 from plena.isa.opcodes import OPCODES
 from plena.numerics.bf16 import bf16_bits_to_f32_np
 from plena.verify.diff import TensorMap, diff_dumps, diff_traces
-from plena.verify.dumps import read_dump_dir, write_dump_dir
+from plena.verify.dumps import Dumps, read_dump_dir, write_dump_dir
 
 CFG = default_config()
 
@@ -191,29 +193,32 @@ def test_trace_files_round_trip(tmp_path):
 # plena diff on traces: the exact first divergent instruction
 # --------------------------------------------------------------------------------------------
 
-def _visible_state(st, hbm_mask=None):
-    hbm = np.asarray(st.hbm).copy()
+def _visible_state(st, hbm_mask=None, fpsram_mask=None):
+    hbm, fpsram = np.asarray(st.hbm).copy(), np.asarray(st.fpsram).copy()
     if hbm_mask is not None:
         hbm[hbm_mask] = 0
+    if fpsram_mask is not None:
+        fpsram[fpsram_mask] = 0
     return [np.asarray(x) for x in (st.gp, st.fp, st.a_hi, st.a_lo, st.scale, st.stride, st.vmask, st.vram,
-                                    st.mram, st.fpsram, st.intsram)] + [hbm]
+                                    st.mram, st.intsram)] + [fpsram, hbm]
 
 
-def _states_equal_after(k, words_a, kw_a, words_b, kw_b, hbm_mask=None) -> bool:
-    a = run(words_a, CFG, **kw_a, max_steps=k).state
-    b = run(words_b, CFG, **kw_b, max_steps=k).state
-    return all(np.array_equal(x, y) for x, y in zip(_visible_state(a, hbm_mask), _visible_state(b, hbm_mask)))
+def _states_equal_after(k, words_a, kw_a, words_b, kw_b, hbm_mask=None, cfg=CFG, fpsram_mask=None) -> bool:
+    a = run(words_a, cfg, **kw_a, max_steps=k).state
+    b = run(words_b, cfg, **kw_b, max_steps=k).state
+    return all(np.array_equal(x, y) for x, y in zip(_visible_state(a, hbm_mask, fpsram_mask),
+                                                    _visible_state(b, hbm_mask, fpsram_mask)))
 
 
-def check_first_divergence(words_a, kw_a, words_b, kw_b, hbm_mask=None):
-    _, ta = run_traced(words_a, CFG, **kw_a)
-    _, tb = run_traced(words_b, CFG, **kw_b)
+def check_first_divergence(words_a, kw_a, words_b, kw_b, hbm_mask=None, cfg=CFG, fpsram_mask=None):
+    _, ta = run_traced(words_a, cfg, **kw_a)
+    _, tb = run_traced(words_b, cfg, **kw_b)
     d = diff_traces(ta, tb)
     assert not d.identical
     i = d.index
     # oracle: registers and memories agree after i instructions, and differ after i + 1
-    assert _states_equal_after(i, words_a, kw_a, words_b, kw_b, hbm_mask)
-    assert not _states_equal_after(i + 1, words_a, kw_a, words_b, kw_b, hbm_mask)
+    assert _states_equal_after(i, words_a, kw_a, words_b, kw_b, hbm_mask, cfg, fpsram_mask)
+    assert not _states_equal_after(i + 1, words_a, kw_a, words_b, kw_b, hbm_mask, cfg, fpsram_mask)
     assert d.pc_a == int(ta.pc[i]) and d.asm_a == disassemble_word(int(words_a[d.pc_a]))
     rep = d.report()
     assert f"instruction #{i} " in rep and f"pc {d.pc_a}" in rep and d.asm_a in rep
@@ -317,6 +322,166 @@ def test_dump_diff_finds_planted_elements(tmp_path):
     longer.astype("<u2").tofile(c / "vram_dump.bin")
     v3 = {m.memory: m for m in diff_dumps(a, c).memories}["vram"]
     assert (v3.n_diff, v3.first, v3.a_bits, v3.b_bits) == (1, len(dumps.vram) + 42, 0, 0x3F80)
+
+
+# --------------------------------------------------------------------------------------------
+# wide (u32) containers: fp16 VRAM and MRAM, e8m23 scalar unit (f32 fp registers / FP SRAM)
+# --------------------------------------------------------------------------------------------
+
+def wide_program(seed: int = 3):
+    """linear -> rms_norm under the WIDE config of test_formats_e2e."""
+    from test_formats_e2e import WIDE
+
+    rng = np.random.default_rng(seed)
+    M, K, N = 4, 2 * WIDE.mlen, 2 * WIDE.mlen
+    b = ProgramBuilder(WIDE)
+    x = b.hbm_input("x", rng.standard_normal((M, K)).astype(np.float32) * 3, pad_rows=WIDE.hbm_v_prefetch_amount)
+    w = b.hbm_input("w", (rng.standard_normal((K, N)) / np.sqrt(K)).astype(np.float32), use="weight",
+                    pad_rows=WIDE.hbm_m_prefetch_amount)
+    y = F.linear(b, x, w, name="lin")
+    F.rms_norm(b, y, name="rms")
+    return WIDE, b.build()
+
+
+def _f32(bits) -> float:
+    return float(np.array([bits], np.uint32).view(np.float32)[0])
+
+
+def _f16(code) -> float:
+    return float(np.array([code], np.uint16).view(np.float16)[0])
+
+
+def _f16_code(value) -> int:
+    """IEEE fp16 code of an f32 value that fp16 holds exactly (numpy's own conversion)."""
+    h = np.float32(value).astype(np.float16)
+    assert float(h) == float(np.float32(value))
+    return int(h.view(np.uint16))
+
+
+def _parse(text: str, dtype=np.float32):
+    """``"<value> (0x<hex>)"`` -> (value read as ``dtype``, bits): the printed digits must
+    identify the value in its own type."""
+    v, h = text.split()
+    return float(dtype(v)), int(h.strip("()"), 16)
+
+
+def test_diff_traces_wide_containers():
+    from plena.emu_jax.state import fp_container
+    from plena.verify.diff import fp_register_bits
+
+    cfg, prog = wide_program()
+    assert fp_container(cfg) == np.uint32
+    kw = prog_inputs(prog)
+    # FP SRAM preload: flip the lowest mantissa bit of rms_norm's 1/D constant (bf16 bits)
+    slot = int(prog.tensors["rms.consts"])
+    fps = prog.fpsram_bf16.copy()
+    fps[slot] ^= 0x0001
+    d, ta, tb = check_first_divergence(prog.words, kw, prog.words, dict(kw, fpsram=fps), cfg=cfg,
+                                       fpsram_mask=[slot])
+    assert d.asm_a.startswith("S_LD_FP") and d.asm_a == d.asm_b
+    (f,) = d.fields
+    reg = d.asm_a.split()[1].rstrip(",")  # the loaded register
+    assert f.field == reg and reg.startswith("f")
+    # the register holds f32 bits (wide SCALAR_FP): bf16 preload bits << 16, printed as f32
+    want_a, want_b = int(prog.fpsram_bf16[slot]) << 16, int(fps[slot]) << 16
+    r = REG_NAMES.index(reg)
+    assert (int(ta.registers_after(d.index)[r]), int(tb.registers_after(d.index)[r])) == (want_a, want_b)
+    assert _parse(f.a) == (_f32(want_a), want_a) and _parse(f.b) == (_f32(want_b), want_b)
+    assert _f32(want_a) == np.float32(1 / (2 * cfg.mlen))  # 1/D, exact in bf16
+    assert f"{reg}: A={f.a}  B={f.b}" in d.report()
+    assert fp_register_bits(ta, tb) == 32 == fp_register_bits(cfg=cfg) and fp_register_bits(cfg=CFG) == 16
+    assert diff_traces(ta, tb, cfg=cfg).report() == d.report()
+
+    # HBM input: one bit of an fp16 activation (Plain e5m10, 2 bytes per element)
+    x = prog.tensors["x"]
+    byte = x.addr + x.offset(1, 3)
+    hbm = prog.hbm.copy()
+    hbm[byte] ^= 0x01
+    d, _, _ = check_first_divergence(prog.words, kw, prog.words, prog_inputs(prog, hbm), hbm_mask=[byte],
+                                     cfg=cfg)
+    assert d.asm_a.startswith("H_PREFETCH_V") and [f.field for f in d.fields] == ["write vram"]
+
+
+def test_dump_diff_wide_containers(tmp_path, capsys):
+    import argparse
+
+    from plena.numerics import codec
+    from plena.numerics.formats import FloatType, PlainFormat
+    from plena.verify.diff import add_arguments, main as diff_main
+
+    cfg, prog = wide_program()
+    res = prog.run()
+    dumps = res.dumps()
+    f16 = FloatType(True, 5, 10)
+    assert dumps.vram.dtype == np.uint32 and dumps.vram_type == f16 and dumps.mram_type == f16
+    assert dumps.fpsram.dtype == np.uint32
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_dump_dir(dumps, a)
+    folder = prog.write(tmp_path / "prog")
+    meta = json.loads((folder / "tensors.json").read_text())["tensors"]
+    tensors = TensorMap.load(folder / "tensors.json")
+
+    # plant: VRAM element (2, 5) of the RMSNorm output: f32 container bit 13 (the lowest bit an
+    # fp16 value keeps); FP SRAM entry of eps: f32 bit 0; MRAM element 37: fp16 code bit 9
+    t = meta["rms.out"]
+    e = t["address"] + 2 * t["shape"][1] + 5
+    vram, fpsram, mram = dumps.vram.copy(), dumps.fpsram.copy(), np.asarray(dumps.mram).copy()
+    vram[e] ^= np.uint32(1 << 13)
+    j = int(prog.tensors["rms.consts"]) + 1
+    assert fpsram[j] != 0
+    fpsram[j] ^= np.uint32(1)
+    m = 37
+    mram[m] ^= np.uint32(1 << 9)
+    write_dump_dir(dumps._replace(vram=vram, fpsram=fpsram, mram=mram), b)
+
+    d = diff_dumps(a, b, tensors=tensors, cfg=cfg)
+    by = {x.memory: x for x in d.memories}
+    v = by["vram"]
+    code_a, code_b = _f16_code(_f32(int(dumps.vram[e]))), _f16_code(_f32(int(vram[e])))
+    assert code_a ^ code_b == 1
+    assert (v.n_diff, v.first, v.where, v.per_tensor) == (1, e, "rms.out[2, 5]", {"rms.out": 1})
+    assert (v.a_bits, v.b_bits) == (code_a, code_b)
+    assert (v.a_value, v.b_value) == (_f32(int(dumps.vram[e])), _f32(int(vram[e])))
+    assert (v.a_value, v.b_value) == (_f16(code_a), _f16(code_b))
+    assert v.len_a == v.len_b == len(dumps.vram)  # 2 bytes per element in the file
+    line = v.report()
+    a_txt, b_txt = line.split("A=")[1].split("  [")[0].split(" B=")
+    assert _parse(a_txt, np.float16) == (_f16(code_a), code_a) and _parse(b_txt, np.float16) == (_f16(code_b), code_b)
+    s = by["fpsram"]
+    assert (s.n_diff, s.first, s.len_a) == (1, j, 1024)
+    assert (s.a_bits, s.b_bits) == (int(dumps.fpsram[j]), int(fpsram[j]))
+    assert (s.a_value, s.b_value) == (_f32(int(dumps.fpsram[j])), _f32(int(fpsram[j])))
+    assert _parse(s.report().split("A=")[1].split(" B=")[0]) == (s.a_value, s.a_bits)
+    mr = by["mram"]
+    assert (mr.n_diff, mr.first, mr.where) == (1, m, "lin.w[tile 0, 2, 5]")
+    assert (mr.a_bits, mr.b_bits) == (int(dumps.mram[m]), int(mram[m]))
+    assert (mr.a_value, mr.b_value) == (_f16(int(dumps.mram[m])), _f16(int(mram[m])))
+    assert by["intsram"].status == "identical" and by["hbm"].status == "absent"
+    assert diff_dumps(a, a, cfg=cfg).identical
+
+    # `plena diff --settings`: the folders' config names the layouts
+    parser = add_arguments(argparse.ArgumentParser())
+    rc = diff_main(parser.parse_args([str(a), str(b), "--tensors", str(folder / "tensors.json"),
+                                      "--settings", str(folder / "plena_settings.toml")]))
+    out = capsys.readouterr().out
+    assert rc == 1 and out.strip() == d.report()
+    assert diff_main(parser.parse_args([str(a), str(a), "--settings", str(folder / "plena_settings.toml")])) == 0
+
+    # codes that straddle bytes: a 19-bit e8m10 VRAM (f32 bits >> 13 are its codes)
+    e8m10 = FloatType(True, 8, 10)
+    cfg19 = cfg.replace(precision=dataclasses.replace(cfg.precision, vector_sram_type=PlainFormat(e8m10)))
+    vals = codec.round_to_np(np.random.default_rng(1).standard_normal(37).astype(np.float32), e8m10)
+    bits = vals.view(np.uint32).copy()
+    base = Dumps(vram=bits, mram=None, fpsram=np.zeros(1024, np.uint32), intsram=np.zeros(1024, np.uint32),
+                 vram_type=e8m10)
+    write_dump_dir(base, tmp_path / "c")
+    flipped = bits.copy()
+    flipped[29] ^= np.uint32(1 << 13)
+    write_dump_dir(base._replace(vram=flipped), tmp_path / "d")
+    v = {x.memory: x for x in diff_dumps(tmp_path / "c", tmp_path / "d", cfg=cfg19).memories}["vram"]
+    assert (v.n_diff, v.first, v.len_a) == (1, 29, 40)  # 37 codes padded to 5 x 19 bytes
+    assert (v.a_bits, v.b_bits) == (int(bits[29]) >> 13, int(flipped[29]) >> 13)
+    assert (v.a_value, v.b_value) == (_f32(int(bits[29])), _f32(int(flipped[29])))
 
 
 # --------------------------------------------------------------------------------------------

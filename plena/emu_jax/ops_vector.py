@@ -138,14 +138,7 @@ def _topk(values, k: int):
     idx = jnp.arange(values.shape[0], dtype=jnp.int32)
     _, order = lax.sort((key, idx), num_keys=2)
     top = order[:k]
-    v = values[top]
-    w = jnp.exp(v - v[0])
-    den = w[0]
-    for i in range(1, k):  # sequential sum in rank order
-        den = den + w[i]
-    ok = jnp.isfinite(den) & (den > 0)
-    weights = jnp.where(ok, w / den, 0.0)
-    return top, weights
+    return top, unary.topk_weights(values[top])
 
 
 def v_topk(geo, st, f):

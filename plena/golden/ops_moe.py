@@ -8,8 +8,8 @@ E = 128, K = 8), NaN read as -inf, ranked by IEEE totalOrder descending with tie
 index; ``w_k = exp(v_k - v_0)`` in f32, ``den`` summed sequentially in rank order, weight
 ``fpreg(w_k / den)`` (0 when ``den`` is not finite and positive). The selection is not
 differentiable (the indices are constants for ``jax.grad``); the weights are, through the
-selected logits. ``exp`` is XLA's f32 exp, as the emulator computes it (the reference uses
-libm ``expf``; they can differ by one f32 ulp, spec §8).
+selected logits. ``exp`` is :func:`plena.numerics.unary.exp_f32` (the float64 value rounded to
+f32, as spec §8 recommends for libm ``expf``), shared with the emulator.
 
 Expert activations (:data:`EXPERT_ACTIVATIONS`), ``g = x W_gate``, ``u = x W_up`` (VRAM values):
 
@@ -34,6 +34,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from plena.numerics import unary
 
 from .ops_ffn import ACTIVATIONS, sigmoid_gate
 from .primitives import (fpreg, fpsram, matmul_tiles, mx_qdq, v_add, v_exp, v_max, v_min, v_mul,
@@ -88,14 +90,7 @@ def topk(logits, *, policy_id: int = 0, policy: Optional[Policy] = None):
     vals = logits[..., :E]
     top = _rank(vals)[..., :K]
     v = jnp.take_along_axis(jnp.where(jnp.isnan(vals), -jnp.inf, vals), top, axis=-1)
-    w = jnp.exp(v - v[..., :1])
-    den = w[..., 0]
-    for i in range(1, K):  # sequential, rank order
-        den = den + w[..., i]
-    ok = jnp.isfinite(den) & (den > 0)
-    safe = jnp.where(ok, den, 1.0)
-    weights = jnp.where(ok[..., None], w / safe[..., None], 0.0)
-    return top, fpreg(weights, policy)
+    return top, fpreg(unary.topk_weights(v), policy)
 
 
 # ---------------------------------------------------------------------------------------------

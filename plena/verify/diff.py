@@ -12,6 +12,13 @@
 
 Both return plain data with a ``report()`` text; ``plena diff A B`` prints it and exits 0
 when the runs agree, 1 when they do not.
+
+**Wide containers** (docs/formats.md, "Containers" and "Dumps"): with a VECTOR_SRAM_TYPE or
+SCALAR_FP that is not a subset of bf16, the fp registers hold f32 bits (``uint32``) and the
+dumps hold other layouts. :func:`diff_traces` formats fp registers by the width of the values
+the traces hold (or as ``cfg=`` / ``fp_bits=`` says); :func:`diff_dumps` needs ``cfg=`` (``plena
+diff --settings S.toml``) to read such folders: VRAM / MRAM are then compared as the codes of
+their types, FP SRAM as f32 bits, and values are printed decoded from those.
 """
 
 from __future__ import annotations
@@ -23,10 +30,13 @@ from typing import Optional
 
 import numpy as np
 
-from plena.numerics.bf16 import bf16_bits_to_f32_np
+from plena.numerics import codec
+from plena.numerics.bf16 import bf16_bits_to_f32_np, f32_from_bits_np
+from plena.numerics.formats import IntType
 from plena.verify.dumps import FPSRAM_FILE, HBM_FILE, INTSRAM_FILE, MRAM_FILE, VRAM_FILE
 
-__all__ = ["FieldDiff", "TraceDiff", "diff_traces", "MemoryDiff", "DumpDiff", "diff_dumps", "TensorMap"]
+__all__ = ["FieldDiff", "TraceDiff", "diff_traces", "MemoryDiff", "DumpDiff", "diff_dumps", "TensorMap",
+           "dump_files", "read_elements", "fp_register_bits", "add_arguments", "main"]
 
 CHUNK = 1 << 22  # elements compared at a time (bounded memory on 512 MiB dumps)
 
@@ -89,8 +99,12 @@ def _first_event_diff(a_idx, a_cols, b_idx, b_cols) -> Optional[int]:
     return None
 
 
-def _fmt_reg(name: str, v: int) -> str:
+def _fmt_reg(name: str, v: int, fp_bits: int = 16) -> str:
+    """A register value as text; fp registers hold bf16 bits (``fp_bits=16``) or, in a wide
+    SCALAR_FP container, f32 bits (``fp_bits=32``)."""
     if name.startswith("f"):
+        if fp_bits == 32:
+            return f"{float(f32_from_bits_np(np.array([v], np.uint32))[0]):.9g} (0x{v:08X})"
         return f"{float(bf16_bits_to_f32_np(np.array([v], np.uint16))[0]):.6g} (0x{v:04X})"
     if name.startswith("a"):
         return f"0x{v:016X}"
@@ -104,10 +118,39 @@ def _fmt_write(mem: str, w) -> str:
     return f"[{lo}, {hi}) hash 0x{h:08X}"
 
 
-def diff_traces(a, b, *, context: int = 3) -> TraceDiff:
-    """First difference between traces ``a`` and ``b`` (:class:`~plena.emu_jax.trace.Trace`)."""
+def fp_register_bits(*traces, cfg=None) -> int:
+    """Width of the fp registers' container in ``traces``: 32 (f32 bits) for a wide SCALAR_FP,
+    else 16 (bf16 bits). From ``cfg`` when given; otherwise from the values the traces hold (a
+    bf16 container never holds a value above 0xFFFF; an f32 one does for any nonzero value of
+    magnitude >= 2**-126, so traces whose fp registers only ever hold 0 or f32 subnormals read
+    as 16-bit: pass ``cfg`` for those)."""
+    if cfg is not None:
+        from plena.numerics.containers import is_wide
+        return 32 if is_wide(cfg.precision.scalar_fp) else 16
+    from plena.emu_jax.trace import REG_NAMES
+
+    f0 = REG_NAMES.index("f0")
+    nf = sum(1 for n in REG_NAMES if n.startswith("f"))
+    for t in traces:
+        fp = (t.reg_id >= f0) & (t.reg_id < f0 + nf)
+        if (np.asarray(t.reg_init[f0:f0 + nf]) > 0xFFFF).any() or (np.asarray(t.reg_val)[fp] > 0xFFFF).any():
+            return 32
+    return 16
+
+
+def diff_traces(a, b, *, context: int = 3, cfg=None, fp_bits: Optional[int] = None) -> TraceDiff:
+    """First difference between traces ``a`` and ``b`` (:class:`~plena.emu_jax.trace.Trace`).
+
+    fp register values print as bf16 or f32 (wide SCALAR_FP container): ``fp_bits`` (16 / 32)
+    or ``cfg`` (the runs' config) says which, else :func:`fp_register_bits` infers it."""
     from plena.emu_jax.trace import MEMORIES, REG_NAMES
     from plena.isa.disassembler import disassemble_word
+
+    if fp_bits is None:
+        fp_bits = fp_register_bits(a, b, cfg=cfg)
+    if fp_bits not in (16, 32):
+        raise ValueError(f"fp_bits must be 16 or 32, got {fp_bits}")
+    fmt = lambda name, v: _fmt_reg(name, v, fp_bits)  # noqa: E731
 
     na, nb = len(a), len(b)
     n = min(na, nb)
@@ -135,8 +178,8 @@ def diff_traces(a, b, *, context: int = 3) -> TraceDiff:
     if min(cands) < 0:  # different initial registers (preloads do not reach registers: unusual)
         for r in np.flatnonzero(a.reg_init != b.reg_init):
             name = REG_NAMES[r]
-            d.fields.append(FieldDiff(f"initial {name}", _fmt_reg(name, int(a.reg_init[r])),
-                                      _fmt_reg(name, int(b.reg_init[r]))))
+            d.fields.append(FieldDiff(f"initial {name}", fmt(name, int(a.reg_init[r])),
+                                      fmt(name, int(b.reg_init[r]))))
     for t, side in ((a, "a"), (b, "b")):
         if i < len(t):
             pc = int(t.pc[i])
@@ -155,7 +198,7 @@ def diff_traces(a, b, *, context: int = 3) -> TraceDiff:
     ra, rb = a.registers_after(i), b.registers_after(i)
     for r in np.flatnonzero(ra != rb):
         name = REG_NAMES[r]
-        d.fields.append(FieldDiff(name, _fmt_reg(name, int(ra[r])), _fmt_reg(name, int(rb[r]))))
+        d.fields.append(FieldDiff(name, fmt(name, int(ra[r])), fmt(name, int(rb[r]))))
     xa, xb = a.writes_of(i), b.writes_of(i)
     for mem in MEMORIES:
         if xa.get(mem) != xb.get(mem):
@@ -245,10 +288,52 @@ def _hbm_elems(row_bytes: int, elem_bytes: int):
 # dump folders
 # ---------------------------------------------------------------------------------------------
 
-#: memory -> (file, dtype, how values print)
+#: memory -> (file, dtype, how values print): the default (bf16) layouts
 DUMP_FILES = {"vram": (VRAM_FILE, "<u2", "bf16"), "mram": (MRAM_FILE, "<u2", "bf16"),
               "fpsram": (FPSRAM_FILE, "<u2", "bf16"), "intsram": (INTSRAM_FILE, "<u4", "u32"),
               "hbm": (HBM_FILE, "u1", "u8")}
+
+
+def dump_files(cfg=None) -> dict:
+    """memory -> (file, element, kind) of the dump folders of a run under ``cfg``.
+
+    ``element`` is a numpy dtype string for fixed-width elements, or a DataType (from
+    :mod:`plena.numerics.formats`) whose codes the file packs at its width (a wide
+    VECTOR_SRAM_TYPE in ``vram_dump.bin``, a MATRIX_SRAM_TYPE other than bf16 in
+    ``mram_dump.bin``); ``kind`` says how values print ("bf16", "f32", "u32", "u8", or the
+    type's name). ``cfg=None``: the default layouts (:data:`DUMP_FILES`)."""
+    out = dict(DUMP_FILES)
+    if cfg is None:
+        return out
+    from plena.numerics.containers import is_wide
+    from plena.verify.dumps import dump_types
+
+    types = dump_types(cfg)
+    for mem, fname in (("vram", VRAM_FILE), ("mram", MRAM_FILE)):
+        t = types[f"{mem}_type"]
+        if t is not None:
+            out[mem] = (fname, t, str(t))
+    if is_wide(cfg.precision.scalar_fp):
+        out["fpsram"] = (FPSRAM_FILE, "<u4", "f32")
+    return out
+
+
+_WHOLE = {8: "u1", 16: "<u2", 32: "<u4"}  # code widths a plain little-endian array reads
+
+
+def read_elements(path, element) -> np.ndarray:
+    """The elements of one dump file as a flat array: memory-mapped for a dtype string and for
+    codes of 8, 16 or 32 bits (packed little-endian, i.e. exactly such arrays); codes of any
+    other width are unpacked into ``uint32`` (a trailing partial code is dropped; the zero
+    codes that pad the file to whole bytes read as zero elements)."""
+    path = Path(path)
+    if isinstance(element, str):
+        return _read(path, element)
+    w = int(element.width)
+    if w in _WHOLE:
+        return _read(path, _WHOLE[w])
+    raw = np.fromfile(path, np.uint8)
+    return codec.unpack_codes_np(raw, w, raw.size * 8 // w)
 
 
 @dataclasses.dataclass
@@ -261,13 +346,41 @@ class MemoryDiff:
     first: Optional[int] = None
     a_bits: Optional[int] = None
     b_bits: Optional[int] = None
-    kind: str = "bf16"
+    kind: str = "bf16"  # "bf16", "f32", "u32", "u8", or the name of ``dtype``
     where: Optional[str] = None  # tensor name of the first difference
     per_tensor: dict = dataclasses.field(default_factory=dict)
+    dtype: Optional[object] = None  # a DataType: the elements are codes of it
+
+    def decoded(self, bits: int) -> float:
+        """The value of one element's bits (an integer for u32 / u8 / Int codes)."""
+        if self.dtype is not None:
+            if isinstance(self.dtype, IntType):
+                w = self.dtype.width
+                return bits - (1 << w) if bits >> (w - 1) & 1 else bits
+            return float(codec.decode_np(np.array([bits], np.uint32), self.dtype)[0])
+        if self.kind == "bf16":
+            return float(bf16_bits_to_f32_np(np.array([bits], np.uint16))[0])
+        if self.kind == "f32":
+            return float(f32_from_bits_np(np.array([bits], np.uint32))[0])
+        return bits
+
+    @property
+    def a_value(self):
+        return None if self.a_bits is None else self.decoded(self.a_bits)
+
+    @property
+    def b_value(self):
+        return None if self.b_bits is None else self.decoded(self.b_bits)
 
     def value(self, bits: int) -> str:
+        if self.dtype is not None:
+            hexw = (int(self.dtype.width) + 3) // 4
+            v = self.decoded(bits)
+            return f"{v if isinstance(v, int) else format(v, '.7g')} (0x{bits:0{hexw}X})"
         if self.kind == "bf16":
-            return f"{float(bf16_bits_to_f32_np(np.array([bits], np.uint16))[0]):.7g} (0x{bits:04X})"
+            return f"{self.decoded(bits):.7g} (0x{bits:04X})"
+        if self.kind == "f32":
+            return f"{self.decoded(bits):.9g} (0x{bits:08X})"
         if self.kind == "u32":
             return f"{bits} (0x{bits:08X})"
         return f"0x{bits:02X}"
@@ -277,7 +390,8 @@ class MemoryDiff:
             n = max(self.len_a, self.len_b)
             return f"{self.memory}: {self.status}" + (f" ({n} elements)" if self.status == "identical" else "")
         n = max(self.len_a, self.len_b)
-        s = (f"{self.memory}: {self.n_diff} of {n} elements differ; first at element {self.first}: "
+        what = "elements" if self.kind in ("bf16", "u32", "u8") else f"{self.kind} elements"
+        s = (f"{self.memory}: {self.n_diff} of {n} {what} differ; first at element {self.first}: "
              f"A={self.value(self.a_bits)} B={self.value(self.b_bits)}")
         if self.where:
             s += f"  [{self.where}]"
@@ -306,14 +420,16 @@ def _read(path: Path, dtype: str) -> np.ndarray:
 
 
 def compare_arrays(a: np.ndarray, b: np.ndarray, memory: str, kind: str,
-                   tensors: Optional[TensorMap] = None) -> MemoryDiff:
-    """Bitwise comparison of two flat arrays, the shorter read as zero-extended."""
+                   tensors: Optional[TensorMap] = None, dtype=None) -> MemoryDiff:
+    """Bitwise comparison of two flat arrays, the shorter read as zero-extended. ``kind`` says
+    how values print; ``dtype`` (a DataType) means the elements are codes of that type."""
     n = max(len(a), len(b))
-    d = MemoryDiff(memory, "identical", len(a), len(b), kind=kind)
+    d = MemoryDiff(memory, "identical", len(a), len(b), kind=kind, dtype=dtype)
+    ct = np.result_type(a.dtype, b.dtype)  # u16 / u32 codes of one type may come as either
     for s in range(0, n, CHUNK):
         e = min(n, s + CHUNK)
-        ca = np.zeros(e - s, a.dtype)
-        cb = np.zeros(e - s, a.dtype)
+        ca = np.zeros(e - s, ct)
+        cb = np.zeros(e - s, ct)
         pa, pb = a[s:min(e, len(a))], b[s:min(e, len(b))]
         ca[: len(pa)] = pa
         cb[: len(pb)] = pb
@@ -333,15 +449,74 @@ def compare_arrays(a: np.ndarray, b: np.ndarray, memory: str, kind: str,
     return d
 
 
-def diff_dumps(dir_a, dir_b, *, tensors: Optional[TensorMap] = None) -> DumpDiff:
+def diff_dumps(dir_a, dir_b, *, tensors: Optional[TensorMap] = None, cfg=None) -> DumpDiff:
     """Compare every dump file the two folders hold (a file in only one is reported, not
-    compared: the reference writes ``hbm_dump.bin`` only with DEBUG logging)."""
+    compared: the reference writes ``hbm_dump.bin`` only with DEBUG logging).
+
+    ``cfg``: the config of the runs that wrote the folders; needed for non-default layouts
+    (:func:`dump_files`: a wide VECTOR_SRAM_TYPE or SCALAR_FP, a MATRIX_SRAM_TYPE other than
+    bf16). Without it every folder is read in the default (bf16) layouts."""
     out = []
-    for mem, (fname, dtype, kind) in DUMP_FILES.items():
+    for mem, (fname, element, kind) in dump_files(cfg).items():
         pa, pb = Path(dir_a) / fname, Path(dir_b) / fname
+        dtype = None if isinstance(element, str) else element
         if not pa.exists() or not pb.exists():
             status = "only in A" if pa.exists() else "only in B" if pb.exists() else "absent"
-            out.append(MemoryDiff(mem, status, kind=kind))
+            out.append(MemoryDiff(mem, status, kind=kind, dtype=dtype))
             continue
-        out.append(compare_arrays(_read(pa, dtype), _read(pb, dtype), mem, kind, tensors))
+        out.append(compare_arrays(read_elements(pa, element), read_elements(pb, element), mem, kind, tensors,
+                                  dtype=dtype))
     return DumpDiff(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line (``plena diff``)
+# ---------------------------------------------------------------------------------------------
+
+def add_arguments(p):
+    """The arguments of ``plena diff`` on an argparse parser."""
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--tensors", metavar="tensors.json", help="name dump elements by the frontend tensors "
+                   "(Program.write's tensors.json)")
+    p.add_argument("--context", type=int, default=3, help="trace diff: executed instructions shown before "
+                   "the divergence (default 3)")
+    p.add_argument("--settings", "--config", dest="settings", metavar="plena_settings.toml",
+                   help="the runs' machine config: needed to read dump folders of non-default formats "
+                   "(a VECTOR_SRAM_TYPE / SCALAR_FP wider than bf16, a MATRIX_SRAM_TYPE other than bf16); "
+                   "for traces it fixes how fp registers print (default: the default layouts; fp registers "
+                   "by the values the traces hold)")
+    return p
+
+
+def main(args) -> int:
+    """Run ``plena diff`` (parsed ``args``): print the report; exit 0 when the runs agree, 1 when
+    they do not, 2 on a usage or input error."""
+    import sys
+
+    a, b = Path(args.a), Path(args.b)
+    for p in (a, b):
+        if not p.exists():
+            print(f"error: {p} does not exist", file=sys.stderr)
+            return 2
+    if a.is_dir() != b.is_dir():
+        print("error: compare two trace files or two dump folders", file=sys.stderr)
+        return 2
+    try:
+        cfg = None
+        if getattr(args, "settings", None):
+            from plena.config import load_config
+
+            cfg = load_config(args.settings)
+        if a.is_dir():
+            tensors = TensorMap.load(args.tensors) if args.tensors else None
+            d = diff_dumps(a, b, tensors=tensors, cfg=cfg)
+        else:
+            from plena.emu_jax.trace import Trace
+
+            d = diff_traces(Trace.load(a), Trace.load(b), context=args.context, cfg=cfg)
+    except (OSError, ValueError, KeyError) as exc:  # ConfigError is a ValueError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(d.report())
+    return 0 if d.identical else 1

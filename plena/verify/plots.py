@@ -4,7 +4,9 @@ Two ways to get the two sides:
 
 * two dump folders (ours or the reference emulator's, as ``plena diff`` reads them) plus the
   ``tensors.json`` a frontend program writes (``plena compile``): every VRAM tensor it names is
-  a stage, read from ``vram_dump.bin`` (bf16) of each folder;
+  a stage, read from ``vram_dump.bin`` (bf16) of each folder; for a run whose VECTOR_SRAM_TYPE
+  is wider than bf16 (the wide container, docs/formats.md "Dumps") give its config
+  (``cfg=`` / ``--config S.toml``): the file then packs codes of that type;
 * ``--golden``: a Llama-family decoder is compiled (same options as ``plena compile``), run on the
   emulator and compared stage by stage with the ``hardware`` golden (bit-exact expected) and
   the ``fp32`` golden (the numerics' error).
@@ -24,6 +26,7 @@ from typing import Mapping
 
 import numpy as np
 
+from plena.numerics import codec
 from plena.numerics.bf16 import bf16_bits_to_f32_np
 from plena.verify.stages import StageReport, compare_stages
 
@@ -31,31 +34,41 @@ __all__ = ["vram_tensors_from_dumps", "compare_dump_folders", "stage_error_chart
            "write_pngs", "report_text", "main"]
 
 
-def vram_tensors_from_dumps(folder, tensors) -> dict:
+def vram_tensors_from_dumps(folder, tensors, cfg=None) -> dict:
     """``{name: f32[rows, cols]}`` of every VRAM tensor named in ``tensors`` (a tensors.json
     path or its parsed dict) read from ``folder/vram_dump.bin`` (bf16, little-endian; a short
-    dump reads as zero-extended)."""
+    dump reads as zero-extended). ``cfg``: the config of the run that wrote the folder; with a
+    wide VECTOR_SRAM_TYPE the file holds codes of that type (packed at its width), decoded
+    here to their f32 values (``None``: the default bf16 layout)."""
+    from plena.verify.diff import dump_files, read_elements
+
     meta = json.loads(Path(tensors).read_text()) if not isinstance(tensors, Mapping) else tensors
     meta = meta.get("tensors", meta)
-    raw = np.fromfile(Path(folder) / "vram_dump.bin", dtype="<u2")
+    fname, element, _ = dump_files(cfg)["vram"]
+    raw = read_elements(Path(folder) / fname, element)
+    if isinstance(element, str):  # bf16 bits
+        decode = bf16_bits_to_f32_np
+    else:  # codes of the VRAM type
+        decode = lambda c: codec.decode_np(c, element)  # noqa: E731
     out = {}
     for name, t in meta.items():
         if t.get("kind") != "vram":
             continue
         rows, cols = t["shape"]
         a = int(t["address"])
-        bits = np.zeros(rows * cols, np.uint16)
+        bits = np.zeros(rows * cols, raw.dtype)
         have = raw[a: a + rows * cols]
         bits[: len(have)] = have
-        out[name] = bf16_bits_to_f32_np(bits).reshape(rows, cols)
+        out[name] = np.asarray(decode(bits), np.float32).reshape(rows, cols)
     return out
 
 
-def compare_dump_folders(a, b, tensors) -> tuple[StageReport, dict, dict]:
+def compare_dump_folders(a, b, tensors, cfg=None) -> tuple[StageReport, dict, dict]:
     """(report, A's tensors, B's tensors) for two dump folders (A = "actual", B = reference),
-    stages in address order of the tensors.json."""
-    ta = vram_tensors_from_dumps(a, tensors)
-    tb = vram_tensors_from_dumps(b, tensors)
+    stages in address order of the tensors.json; ``cfg`` as for :func:`vram_tensors_from_dumps`
+    (both folders in the layout of that config)."""
+    ta = vram_tensors_from_dumps(a, tensors, cfg)
+    tb = vram_tensors_from_dumps(b, tensors, cfg)
     return compare_stages(ta, tb, actual_label=str(a), reference_label=str(b)), ta, tb
 
 
@@ -165,7 +178,9 @@ def add_arguments(p):
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--config", help="plena_settings.toml of the machine (--golden)")
+    p.add_argument("--config", "--settings", dest="config", help="plena_settings.toml of the machine: "
+                   "--golden compiles for it; two dump folders are read in its layout (needed when "
+                   "VECTOR_SRAM_TYPE is wider than bf16; default: the bf16 layout)")
     p.add_argument("--png", help="folder for the PNG plots")
     p.add_argument("--json", help="write the per-stage numbers as JSON to this file")
     return p
@@ -211,7 +226,12 @@ def main(args) -> int:
     else:
         if not (args.a and args.b):
             raise SystemExit("plena compare: give two dump folders A B, or --golden")
-        rep, ta, tb = compare_dump_folders(args.a, args.b, _find_tensors(args))
+        cfg = None
+        if args.config:
+            from plena.config import load_config
+
+            cfg = load_config(args.config)
+        rep, ta, tb = compare_dump_folders(args.a, args.b, _find_tensors(args), cfg)
         reports = [(f"{args.b}", rep, ta, tb)]
     blob = {}
     for k, (label, rep, a, b) in enumerate(reports):
