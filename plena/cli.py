@@ -124,29 +124,9 @@ def _print_stages(prof: dict, path) -> None:
 
 
 def _cmd_diff(args) -> int:
-    from plena.verify.diff import TensorMap, diff_dumps, diff_traces
+    from plena.verify.diff import main
 
-    a, b = Path(args.a), Path(args.b)
-    for p in (a, b):
-        if not p.exists():
-            print(f"error: {p} does not exist", file=sys.stderr)
-            return 2
-    if a.is_dir() != b.is_dir():
-        print("error: compare two trace files or two dump folders", file=sys.stderr)
-        return 2
-    try:
-        if a.is_dir():
-            tensors = TensorMap.load(args.tensors) if args.tensors else None
-            d = diff_dumps(a, b, tensors=tensors)
-        else:
-            from plena.emu_jax.trace import Trace
-
-            d = diff_traces(Trace.load(a), Trace.load(b), context=args.context)
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(d.report())
-    return 0 if d.identical else 1
+    return main(args)
 
 
 def _print_stats(result, program) -> None:
@@ -212,12 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("diff", help="compare two runs: two --trace files (first divergent instruction) "
                        "or two dump folders (first differing element per memory); exit 0 if identical, else 1")
-    f.add_argument("a")
-    f.add_argument("b")
-    f.add_argument("--tensors", metavar="tensors.json", help="name dump elements by the frontend tensors "
-                   "(Program.write's tensors.json)")
-    f.add_argument("--context", type=int, default=3, help="trace diff: executed instructions shown before "
-                   "the divergence (default 3)")
+    from plena.verify.diff import add_arguments as diff_arguments
+
+    diff_arguments(f)
     f.set_defaults(func=_cmd_diff)
 
     i = sub.add_parser("isa-doc", help="print the ISA reference generated from the opcode table")

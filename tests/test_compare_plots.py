@@ -121,7 +121,8 @@ def test_compare_two_wide_dump_folders(tmp_path, capsys):
     st = rep[target]
     assert rep.first_divergent_stage.name == target
     assert st.same == st.size - 1 and st.max_abs == want
-    assert rep.first_divergence.index == (2, 5)
+    fd = rep.first_divergence
+    assert (fd.stage, fd.index, fd.actual, fd.reference) == (target, (2, 5), f16(before), f16(raw[addr]))
     assert all(rep[n].exact for n in vram_names if n != target)
     # A's tensors are the run's VRAM (f32 container) values: fp16 values, not all of them bf16
     for n in vram_names:
@@ -141,7 +142,7 @@ def test_compare_two_wide_dump_folders(tmp_path, capsys):
     assert rc == 1
     line = next(ln for ln in out.splitlines() if ln.startswith(target))
     assert float(line.split()[3]) == float(f"{want:.6g}")  # max abs column
-    assert f"first divergence: {rep.first_divergence}" in out
+    assert f"first divergence: {target}[2, 5]: {f16(before)!r}" in out
     _png_ok(png / "stage_errors.png")
     _png_ok(png / "first_divergence.png")
     rc = cli_main(["compare", str(a_dir), str(a_dir), "--settings", str(settings), "--png", str(tmp_path / "s")])

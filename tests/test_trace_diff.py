@@ -403,11 +403,8 @@ def test_diff_traces_wide_containers():
 
 
 def test_dump_diff_wide_containers(tmp_path, capsys):
-    import argparse
-
     from plena.numerics import codec
     from plena.numerics.formats import FloatType, PlainFormat
-    from plena.verify.diff import add_arguments, main as diff_main
 
     cfg, prog = wide_program()
     res = prog.run()
@@ -459,13 +456,14 @@ def test_dump_diff_wide_containers(tmp_path, capsys):
     assert by["intsram"].status == "identical" and by["hbm"].status == "absent"
     assert diff_dumps(a, a, cfg=cfg).identical
 
-    # `plena diff --settings`: the folders' config names the layouts
-    parser = add_arguments(argparse.ArgumentParser())
-    rc = diff_main(parser.parse_args([str(a), str(b), "--tensors", str(folder / "tensors.json"),
-                                      "--settings", str(folder / "plena_settings.toml")]))
+    # `plena diff --settings` (the command line): the folders' config names the layouts
+    from plena.cli import main as cli_main
+    capsys.readouterr()
+    rc = cli_main(["diff", str(a), str(b), "--tensors", str(folder / "tensors.json"),
+                   "--settings", str(folder / "plena_settings.toml")])
     out = capsys.readouterr().out
     assert rc == 1 and out.strip() == d.report()
-    assert diff_main(parser.parse_args([str(a), str(a), "--settings", str(folder / "plena_settings.toml")])) == 0
+    assert cli_main(["diff", str(a), str(a), "--settings", str(folder / "plena_settings.toml")]) == 0
 
     # codes that straddle bytes: a 19-bit e8m10 VRAM (f32 bits >> 13 are its codes)
     e8m10 = FloatType(True, 8, 10)
