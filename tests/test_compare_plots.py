@@ -26,21 +26,27 @@ def _png_ok(path):
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
 
 
-def test_compare_two_dump_folders(tmp_path, capsys):
+def _linear_then(cfg, second, tmp_path):
+    """A linear layer followed by ``second`` (softmax / rms_norm) run on ``cfg``; its program and
+    dumps written to folder a, copied to b. Returns (dumps, a, b, tensors metadata)."""
     rng = np.random.default_rng(0)
-    b = ProgramBuilder(CFG)
-    x = b.hbm_input("x", rng.standard_normal((8, 32)).astype(np.float32), pad_rows=CFG.hbm_v_prefetch_amount)
+    b = ProgramBuilder(cfg)
+    x = b.hbm_input("x", rng.standard_normal((8, 32)).astype(np.float32), pad_rows=cfg.hbm_v_prefetch_amount)
     w = b.hbm_input("w", rng.standard_normal((32, 32)).astype(np.float32) / 6, use="weight",
-                    pad_rows=CFG.hbm_m_prefetch_amount)
+                    pad_rows=cfg.hbm_m_prefetch_amount)
     y = F.linear(b, x, w, name="lin")
-    F.softmax(b, y, name="sm")
+    second(b, y)
     prog = b.build()
-    res = prog.run()
+    dumps = prog.run().dumps()
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     prog.write(a_dir)
-    write_dump_dir(res.dumps(), a_dir)
+    write_dump_dir(dumps, a_dir)
     shutil.copytree(a_dir, b_dir)
-    meta = json.loads((a_dir / "tensors.json").read_text())["tensors"]
+    return dumps, a_dir, b_dir, json.loads((a_dir / "tensors.json").read_text())["tensors"]
+
+
+def test_compare_two_dump_folders(tmp_path, capsys):
+    _, a_dir, b_dir, meta = _linear_then(CFG, lambda b, y: F.softmax(b, y, name="sm"), tmp_path)
     vram_names = [n for n, t in meta.items() if t["kind"] == "vram"]
     # plant a difference: flip the lowest mantissa bit of element (2, 5) of the linear output
     target = next(n for n in vram_names if n.startswith("lin"))
@@ -86,23 +92,9 @@ def test_compare_two_wide_dump_folders(tmp_path, capsys):
 
     from plena.numerics.containers import bits_to_f32_np
 
-    rng = np.random.default_rng(0)
-    b = ProgramBuilder(WIDE)
-    x = b.hbm_input("x", rng.standard_normal((8, 32)).astype(np.float32), pad_rows=WIDE.hbm_v_prefetch_amount)
-    w = b.hbm_input("w", rng.standard_normal((32, 32)).astype(np.float32) / 6, use="weight",
-                    pad_rows=WIDE.hbm_m_prefetch_amount)
-    y = F.linear(b, x, w, name="lin")
-    F.rms_norm(b, y, name="rms")
-    prog = b.build()
-    res = prog.run()
-    dumps = res.dumps()
+    dumps, a_dir, b_dir, meta = _linear_then(WIDE, lambda b, y: F.rms_norm(b, y, name="rms"), tmp_path)
     assert dumps.vram.dtype == np.uint32 and dumps.vram_type is not None
-    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
-    prog.write(a_dir)
-    write_dump_dir(dumps, a_dir)
-    shutil.copytree(a_dir, b_dir)
     settings = a_dir / "plena_settings.toml"
-    meta = json.loads((a_dir / "tensors.json").read_text())["tensors"]
     vram_names = [n for n, t in meta.items() if t["kind"] == "vram"]
     # plant: flip the lowest mantissa bit of the fp16 code of element (2, 5) of the linear output
     target = next(n for n in vram_names if n.startswith("lin") and "out" in n)
