@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -104,6 +105,23 @@ def test_torch_sum_order(n):
     assert np.array_equal(got, want)
     naive = np.array([np.float32(sum(np.float64(v) for v in r)) for r in x], np.float32).view(np.uint32)
     assert n < 8 or not np.array_equal(naive, want)  # the order matters on these rows
+
+
+@pytest.mark.parametrize("n", [7, 64, 640])
+def test_torch_sum_keeps_subnormals(n):
+    """Rows of subnormal and near-subnormal values (and rows mixing them with ordinary ones):
+    plena's jitted sum equals numpy's IEEE f32 sum in the same order, bit for bit, although
+    XLA:CPU flushes subnormals (plena scales each row by an exact power of two)."""
+    from plena.numerics.reduce import torch_sum as jax_torch_sum
+
+    rng = np.random.default_rng(n)
+    x = np.concatenate([rng.standard_normal((100, n)) * 2.0 ** -134,
+                        rng.standard_normal((100, n)) * np.exp2(rng.integers(-149, -90, (100, n))),
+                        rng.standard_normal((100, n)) * np.exp2(rng.integers(-140, 20, (100, n)))]).astype(np.float32)
+    want = np.array([torch_sum(r) for r in x], np.float32)
+    got = np.asarray(jax.jit(jax_torch_sum)(x))
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert ((np.abs(want) < 2.0 ** -126) & (want != 0)).sum() > 20  # subnormal results really occur
 
 
 def test_casts_match_plena():

@@ -51,6 +51,13 @@ def _float(u):
     return lax.bitcast_convert_type(u.astype(_U), jnp.float32)
 
 
+def _operands(a, b):
+    """f32 operands behind an optimization barrier: each is used several times below, and
+    without the barrier XLA fuses (duplicates) the whole expression that produced it into
+    every use, which multiplies compile time along chains of these operations."""
+    return lax.optimization_barrier((jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)))
+
+
 def _pow2(e: int):
     return np.float32(2.0 ** e)
 
@@ -76,7 +83,7 @@ def _scale_down(s):
 
 
 def _add_impl(a, b):
-    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    a, b = _operands(a, b)
     ba, bb = _bits(a), _bits(b)
     tiny = ((ba & _MAG) < _TINY) & ((bb & _MAG) < _TINY)
     slow = _scale_down(_scale_up(a, ba) + _scale_up(b, bb))
@@ -158,7 +165,7 @@ def _mul_exact(a_mag, b_mag):
 @jax.custom_jvp
 def mul(a, b):
     """IEEE f32 ``a * b`` (subnormal operands and results kept)."""
-    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    a, b = _operands(a, b)
     ba, bb = _bits(a), _bits(b)
     am, bm = ba & _MAG, bb & _MAG
     sign = (ba ^ bb) & _SIGN

@@ -15,10 +15,16 @@ The additions are unrolled at trace time (n is static), vectorised over leading 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
-from .ieee import add as _add
+from .bf16 import f32_bits, f32_from_bits
 
 _ILP = 4
+
+
+def _plain_add(a, b):
+    return a + b
 _LEVELS = 4
 
 
@@ -36,18 +42,18 @@ def _multi_row_sum(rows: list, zero):
     i = 0
     while i + level_step <= size:
         for _ in range(level_step):
-            acc[0] = _add(acc[0], rows[i])
+            acc[0] = _plain_add(acc[0], rows[i])
             i += 1
         for j in range(1, _LEVELS):
-            acc[j] = _add(acc[j], acc[j - 1])
+            acc[j] = _plain_add(acc[j], acc[j - 1])
             acc[j - 1] = zero
             if i & (level_mask << (j * level_power)):
                 break
     while i < size:
-        acc[0] = _add(acc[0], rows[i])
+        acc[0] = _plain_add(acc[0], rows[i])
         i += 1
     for j in range(1, _LEVELS):
-        acc[0] = _add(acc[0], acc[j])
+        acc[0] = _plain_add(acc[0], acc[j])
     return acc[0]
 
 
@@ -62,15 +68,64 @@ def _row_sum(items: list, zero):
     else:
         parts = [zero] * _ILP
     for i in range(size_ilp * _ILP, n):
-        parts[0] = _add(parts[0], items[i])
+        parts[0] = _plain_add(parts[0], items[i])
     for k in range(1, _ILP):
-        parts[0] = _add(parts[0], parts[k])
+        parts[0] = _plain_add(parts[0], parts[k])
     return parts[0]
 
 
 def torch_sum(x, lanes: int = 8) -> jnp.ndarray:
-    """Sum over the last axis of an f32 array in libtorch's CPU order."""
+    """Sum over the last axis of an f32 array in libtorch's CPU order, IEEE f32 (subnormals
+    kept although XLA:CPU flushes them, :mod:`plena.numerics.ieee`).
+
+    Each row is scaled by a power of two ``2**k`` (``k >= 0``, exact on the bits) that lifts its
+    smallest non-zero magnitude to at least ``2**-100`` while its largest stays below
+    ``2**(126 - ceil(log2 n))``. Every partial sum is then a multiple of ``2**-123`` (zero or
+    normal: FTZ/DAZ never act) and below the overflow threshold, so the additions round exactly
+    as the unscaled IEEE ones, and the result is scaled back on the bits (gradual underflow).
+    Rows without tiny values get ``k = 0``: the plain sum. (A row whose non-zero magnitudes span
+    more than about ``2**(226 - log2 n)`` cannot be fully lifted; its tiniest values then meet
+    DAZ.)"""
     x = jnp.asarray(x, jnp.float32)
+    n = x.shape[-1]
+    b = f32_bits(x)
+    mag = b & np.uint32(0x7FFFFFFF)
+    ef = (mag >> np.uint32(23)).astype(jnp.int32)
+    top = jnp.where(ef == 0, -149 + 31 - lax.clz(mag).astype(jnp.int32), ef - 127)  # exponent of the leading bit
+    finite_nz = (mag != 0) & (ef < 255)
+    lo = jnp.min(jnp.where(finite_nz, top, 1000), axis=-1)
+    hi = jnp.max(jnp.where(finite_nz, top, -1000), axis=-1)
+    k = jnp.clip(jnp.minimum(-100 - lo, 126 - 1 - max(1, (n - 1).bit_length()) - hi), 0, 250)
+    s = _torch_sum_plain(_scale_up(x, b, ef, k[..., None]), lanes)
+    # the barrier keeps XLA from fusing (duplicating) the chain of adds into each use of s
+    return _scale_down(lax.optimization_barrier(s), k)
+
+
+def _pow2(e):
+    """2.0**e as f32 for integer arrays e >= -126 (0.0 below)."""
+    return f32_from_bits(jnp.where(e >= -126, (jnp.clip(e, -126, 127) + 127) << 23, 0).astype(jnp.uint32))
+
+
+def _scale_up(x, b, ef, k):
+    """Exact ``x * 2**k`` (k >= 0, no overflow): the exponent field moved for normal values,
+    the integer significand rescaled for subnormals (a multiply would meet DAZ)."""
+    up = f32_from_bits(jnp.where((ef > 0) & (ef < 255), b + (k << 23).astype(jnp.uint32), b))
+    sub = (b & np.uint32(0x7FFFFF)).astype(jnp.float32) * _pow2(k - 149)
+    sub = jnp.where((b >> np.uint32(31)) == 1, -sub, sub)
+    return jnp.where(ef == 0, sub, up)
+
+
+def _scale_down(s, k):
+    """``s * 2**-k`` for a value that is exactly representable (k >= 0), built on the bits."""
+    b = f32_bits(s)
+    sign = b & np.uint32(0x80000000)
+    ef = ((b >> np.uint32(23)) & np.uint32(0xFF)).astype(jnp.int32)
+    normal = (ef - k >= 1) | (ef == 255) | (k == 0)
+    q = (jnp.abs(s) * _pow2(149 - k)).astype(jnp.uint32)  # a subnormal's significand (exact)
+    return f32_from_bits(jnp.where(normal, b - (k << 23).astype(jnp.uint32) * (ef < 255), sign | q))
+
+
+def _torch_sum_plain(x, lanes: int):
     n = x.shape[-1]
     zero = jnp.zeros(x.shape[:-1], jnp.float32)
     if n < lanes:
@@ -80,7 +135,7 @@ def torch_sum(x, lanes: int = 8) -> jnp.ndarray:
     vacc = _row_sum(vecs, jnp.zeros(x.shape[:-1] + (lanes,), jnp.float32))
     final = zero
     for k in range(nvec * lanes, n):
-        final = _add(final, x[..., k])
+        final = _plain_add(final, x[..., k])
     for lane in range(lanes):
-        final = _add(final, vacc[..., lane])
+        final = _plain_add(final, vacc[..., lane])
     return final
