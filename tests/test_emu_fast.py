@@ -220,3 +220,33 @@ def test_blocks_never_copy_a_whole_memory():
            f"u8[{geo.hbm_bytes + geo.hbm_pad}]"}
     copies = [ln for ln in hlo.splitlines() if re.search(r"\bcopy\(", ln) and any(b in ln.split("=")[1][:40] for b in big)]
     assert not copies, copies[:3]
+
+
+def test_opcode_subset_interpreter():
+    """The fast executor's interpreter holds branches only for the opcodes it will meet
+    (dispatch.branches_for): same final state as the full interpreter, and an opcode outside
+    the subset is dispatched to the invalid-opcode branch (it is never reached in a fast run)."""
+    import jax.numpy as jnp
+
+    from plena.emu_jax import dispatch
+    from plena.emu_jax.api import compiled_interpreter, load_program
+    from plena.emu_jax.state import init_state
+    from plena.isa.opcodes import BY_MNEMONIC
+
+    src = "\n".join([li(1, 3), li(2, 64), "S_ADD_INT gp3, gp1, gp2", "S_MUL_INT gp4, gp3, gp1",
+                     "C_LOOP_START gp5, 4", "S_ADDI_INT gp6, gp6, 7", "C_LOOP_END gp5"])
+    p = load_program(prog(src))
+    plan = plan_program(p, CFG)
+    geo = api.geometry_for(p, CFG, plan, hbm_len=0, vram_len=0, hbm_capacity=CFG.hbm_size)
+    fields, n, limit = api.program_fields(p, geo), jnp.int32(len(p)), api.step_limit(None)
+    full = compiled_interpreter(geo, fields, init_state(geo, hbm_capacity=CFG.hbm_size), n, limit)(
+        fields, init_state(geo, hbm_capacity=CFG.hbm_size), n, limit)
+    sub = compiled_interpreter(geo, fields, init_state(geo, hbm_capacity=CFG.hbm_size), n, limit, set(p.opcode))(
+        fields, init_state(geo, hbm_capacity=CFG.hbm_size), n, limit)
+    assert all(_bits(getattr(full, k)) == _bits(getattr(sub, k)) for k in full._fields)
+    assert int(full.gp[6]) == 28 and int(full.err) == 0
+    branches = dispatch.branches_for(set(p.opcode))
+    assert branches[dispatch.BRANCH_OF[BY_MNEMONIC["S_MUL_INT"].code]] is dispatch.BRANCHES[
+        dispatch.BRANCH_OF[BY_MNEMONIC["S_MUL_INT"].code]]
+    assert branches[dispatch.BRANCH_OF[BY_MNEMONIC["V_ADD_VV"].code]] is dispatch.BRANCHES[dispatch.INVALID]
+    assert sum(b is not dispatch.BRANCHES[dispatch.INVALID] for b in branches) == len(set(p.opcode)) + 1  # + SKIP

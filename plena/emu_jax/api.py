@@ -20,7 +20,7 @@ import numpy as np
 
 from plena.config import PlenaConfig, default_config
 from plena.emu_jax import cycles as cycle_model
-from plena.emu_jax import fast
+from plena.emu_jax import dispatch, fast
 from plena.emu_jax.cache import enable_compilation_cache
 from plena.emu_jax.effects import Fields
 from plena.emu_jax.errors import DecodeError, Err, LoadError, PlenaError, raise_for
@@ -39,7 +39,7 @@ MAX_HBM_WINDOW = (1 << 31) - (1 << 20)
 MIN_VRAM_ROWS, MIN_HBM_BYTES, MIN_LOOP_DEPTH, MIN_PROG_LEN = 1 << 11, 1 << 17, 8, 1 << 12
 
 
-_COMPILED: dict = {}  # Geometry -> compiled interpreter (lower().compile() bypasses jit's cache)
+_COMPILED: dict = {}  # (Geometry, branches) -> compiled interpreter (lower().compile() bypasses jit's cache)
 
 
 def _bucket(n: int, lo: int) -> int:
@@ -201,11 +201,26 @@ def fast_eligible(plan: Plan, max_steps: int | None) -> bool:
             and plan.counts is not None)
 
 
-def compiled_interpreter(geo: Geometry, fields: Fields, st: MachineState, n, limit):
-    compiled = _COMPILED.get(geo)
+def compiled_interpreter(geo: Geometry, fields: Fields, st: MachineState, n, limit, opcodes=None):
+    """The reference interpreter compiled for ``geo`` (cached in-process). ``opcodes``: only
+    these opcodes get their branch (:func:`~plena.emu_jax.dispatch.branches_for`; the fast
+    executor's cold code holds few, and the full switch is most of the interpreter's
+    compile time); None: all."""
+    branches = None if opcodes is None else dispatch.branches_for(sorted(set(int(c) for c in opcodes)))
+    key = (geo, branches)
+    compiled = _COMPILED.get(key)
     if compiled is None:
-        compiled = _COMPILED[geo] = run_program.lower(geo, fields, st, n, limit).compile()
+        compiled = _COMPILED[key] = run_program.lower(geo, fields, st, n, limit, branches=branches).compile()
     return compiled
+
+
+def _cold_opcodes(prog, ex) -> np.ndarray:
+    """Opcodes the interpreter meets in a fast run: those of its cold ranges (the whole
+    program when the fast executor declined it)."""
+    if ex is None:
+        return np.unique(prog.opcode)
+    ranges = [np.asarray(prog.opcode[s.lo:int(s.hi)]) for s in ex.steps if isinstance(s, fast.Interp)]
+    return np.unique(np.concatenate(ranges)) if ranges else np.zeros(0, np.int32)
 
 
 def run(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsram=None, intsram=None, vram=None,
@@ -243,7 +258,9 @@ def run(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsram=None, intsr
         ex = fast.prepare(prog, geo, st, **(fast_options or {}))
     t1 = time.perf_counter()
     needs_interpreter = ex is None or any(isinstance(s, fast.Interp) for s in ex.steps)
-    compiled = compiled_interpreter(geo, fields, st, n, limit) if needs_interpreter else None
+    # executor="fast": the interpreter it needs holds only the opcodes it will meet
+    opcodes = _cold_opcodes(prog, ex) if executor == "fast" or ex is not None else None
+    compiled = compiled_interpreter(geo, fields, st, n, limit, opcodes) if needs_interpreter else None
     t2 = time.perf_counter()
     if ex is None:
         final = compiled(fields, st, n, limit)

@@ -59,3 +59,12 @@ def micro_steps(cfg) -> np.ndarray:
     n[by["M_BMM_WO"]] = cfg.broadcast_amount * cfg.mlen
     n[by["M_BMV_WO"]] = cfg.broadcast_amount
     return n
+
+
+def branches_for(opcodes) -> tuple:
+    """:data:`BRANCHES` with every opcode outside ``opcodes`` replaced by the invalid-opcode
+    branch: the interpreter of a program (or of the part of one) that contains only those
+    opcodes. Control flow never reaches an opcode the code does not hold, so it runs exactly
+    as the full interpreter, and XLA compiles far fewer distinct branches."""
+    keep = {int(BRANCH_OF[c]) for c in opcodes if 0 <= int(c) < 64} | {INVALID, SKIP}
+    return tuple(fn if i in keep else BRANCHES[INVALID] for i, fn in enumerate(BRANCHES))

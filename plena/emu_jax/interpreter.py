@@ -109,11 +109,12 @@ def apply_effect(geo: Geometry, st: MachineState, f: Fields, st1: MachineState, 
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def run_program(geo: Geometry, prog: Fields, st: MachineState, n_instr, max_steps) -> MachineState:
-    """Run from st until the pc leaves the program, an error occurs, or max_steps instructions."""
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("branches",), donate_argnums=(2,))
+def run_program(geo: Geometry, prog: Fields, st: MachineState, n_instr, max_steps, branches=None) -> MachineState:
+    """Run from st until the pc leaves the program, an error occurs, or max_steps instructions.
+    ``branches``: a :func:`plena.emu_jax.dispatch.branches_for` subset (None: all opcodes)."""
 
     def cond(s):
         return (s.pc < n_instr) & (s.err == 0) & ((s.steps < max_steps) | (s.sub != 0))
 
-    return lax.while_loop(cond, functools.partial(step, geo, prog), st)
+    return lax.while_loop(cond, functools.partial(step, geo, prog, branches=branches), st)

@@ -44,7 +44,6 @@ from plena.config import PlenaConfig
 from plena.emu_jax import api
 from plena.emu_jax.cycles import per_opcode_cycles
 from plena.emu_jax.dispatch import FP_DEST
-from plena.emu_jax.interpreter import run_program
 from plena.isa.assembler import strip_comment
 
 __all__ = ["StageMap", "stages_from_asm", "stages_from_json", "stages_for_program", "PcProfile",
@@ -300,9 +299,7 @@ def run_with_progress(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsr
     if progress is not None:
         progress(0, total)
     t1 = time.perf_counter()
-    compiled = api._COMPILED.get(p.geo)  # the very executable api.run uses
-    if compiled is None:
-        compiled = api._COMPILED[p.geo] = run_program.lower(p.geo, p.fields, p.state, p.n_instr, p.limit).compile()
+    compiled = api.compiled_interpreter(p.geo, p.fields, p.state, p.n_instr, p.limit)  # the one api.run uses
     t2 = time.perf_counter()
     first_chunk = max(1, int(first_chunk))
     st, chunk, n = p.state, first_chunk, len(p.prog)
