@@ -109,57 +109,75 @@ def mx_qdq(x, fmt: Optional[MxFormat] = None, policy: Optional[Policy] = None,
     return q(x, point, policy)
 
 
+class _Plain:
+    """Plain XLA f32 arithmetic (what ``fp32`` mode uses: no bit-exactness is claimed there)."""
+
+    add = staticmethod(jnp.add)
+    sub = staticmethod(jnp.subtract)
+    mul = staticmethod(jnp.multiply)
+    maximum = staticmethod(jnp.maximum)
+    minimum = staticmethod(jnp.minimum)
+    greater = staticmethod(jnp.greater)
+    max_reduce = staticmethod(lambda x: jnp.max(x, axis=-1))
+
+
+def _arith(policy, point: str):
+    """IEEE arithmetic that keeps subnormals (:mod:`plena.numerics.ieee`, as the emulator) when
+    ``point`` is in hardware mode, else plain f32 (cheaper to compile)."""
+    return ieee if _policy(policy).is_hardware(point) else _Plain
+
+
 # =============================================================================================
 # element-wise vector ops (VRAM result) and scalar fp ops (fp-register result)
 # =============================================================================================
 
 def v_add(a, b, policy: Optional[Policy] = None) -> jnp.ndarray:
     """V_ADD_VV / V_ADD_VF: ``vram(a + b)`` (``b`` a row or an fp-register scalar)."""
-    return vram(ieee.add(_f32(a), _f32(b)), policy)
+    return vram(_arith(policy, "vram").add(_f32(a), _f32(b)), policy)
 
 
 def v_sub(a, b, policy: Optional[Policy] = None) -> jnp.ndarray:
     """V_SUB_VV (rs1 - rs2), V_SUB_VF (funct1 = 0: a - s; reversed: call ``v_sub(s, a)``)."""
-    return vram(ieee.sub(_f32(a), _f32(b)), policy)
+    return vram(_arith(policy, "vram").sub(_f32(a), _f32(b)), policy)
 
 
 def v_mul(a, b, policy: Optional[Policy] = None) -> jnp.ndarray:
     """V_MUL_VV / V_MUL_VF: ``vram(a * b)``."""
-    return vram(ieee.mul(_f32(a), _f32(b)), policy)
+    return vram(_arith(policy, "vram").mul(_f32(a), _f32(b)), policy)
 
 
 def v_max(a, s, policy: Optional[Policy] = None) -> jnp.ndarray:
     """V_MAX_VF: libtorch ``clamp_min(a, s)``: NaN elements of ``a`` stay NaN, a NaN ``s`` gives
     NaN everywhere; then ``vram``."""
     a, s = _f32(a), _f32(s)
-    return vram(jnp.where(jnp.isnan(s), s, jnp.where(jnp.isnan(a), a, ieee.maximum(a, s))), policy)
+    return vram(jnp.where(jnp.isnan(s), s, jnp.where(jnp.isnan(a), a, _arith(policy, "vram").maximum(a, s))), policy)
 
 
 def v_min(a, s, policy: Optional[Policy] = None) -> jnp.ndarray:
     """V_MIN_VF: libtorch ``clamp_max(a, s)`` (same NaN rules as :func:`v_max`), then ``vram``."""
     a, s = _f32(a), _f32(s)
-    return vram(jnp.where(jnp.isnan(s), s, jnp.where(jnp.isnan(a), a, ieee.minimum(a, s))), policy)
+    return vram(jnp.where(jnp.isnan(s), s, jnp.where(jnp.isnan(a), a, _arith(policy, "vram").minimum(a, s))), policy)
 
 
 def s_add(a, b, policy: Optional[Policy] = None) -> jnp.ndarray:
     """S_ADD_FP: ``fpreg(a + b)``."""
-    return fpreg(ieee.add(_f32(a), _f32(b)), policy)
+    return fpreg(_arith(policy, "fpreg").add(_f32(a), _f32(b)), policy)
 
 
 def s_sub(a, b, policy: Optional[Policy] = None) -> jnp.ndarray:
     """S_SUB_FP: ``fpreg(a - b)``."""
-    return fpreg(ieee.sub(_f32(a), _f32(b)), policy)
+    return fpreg(_arith(policy, "fpreg").sub(_f32(a), _f32(b)), policy)
 
 
 def s_mul(a, b, policy: Optional[Policy] = None) -> jnp.ndarray:
     """S_MUL_FP: ``fpreg(a * b)``."""
-    return fpreg(ieee.mul(_f32(a), _f32(b)), policy)
+    return fpreg(_arith(policy, "fpreg").mul(_f32(a), _f32(b)), policy)
 
 
 def s_max(a, b, policy: Optional[Policy] = None) -> jnp.ndarray:
     """S_MAX_FP (``half`` max): ``b`` if ``a`` is NaN or ``b > a``, else ``a``; then ``fpreg``."""
     a, b = _f32(a), _f32(b)
-    return fpreg(jnp.where(jnp.isnan(a) | ieee.greater(b, a), b, a), policy)
+    return fpreg(jnp.where(jnp.isnan(a) | _arith(policy, "fpreg").greater(b, a), b, a), policy)
 
 
 # =============================================================================================
@@ -247,15 +265,16 @@ def row_sum(x, policy: Optional[Policy] = None) -> jnp.ndarray:
 def red_sum_into(acc, x, policy: Optional[Policy] = None) -> jnp.ndarray:
     """V_RED_SUM (rmask = 0): the new fp register ``fpreg(acc + row_sum(x))``; ``acc`` is the
     register's old value, ``x`` the row(s) (last axis summed)."""
-    return fpreg(ieee.add(_f32(acc), row_sum(x, policy)), policy)
+    return fpreg(_arith(policy, "fpreg").add(_f32(acc), row_sum(x, policy)), policy)
 
 
 def red_max_into(acc, x, policy: Optional[Policy] = None) -> jnp.ndarray:
     """V_RED_MAX: ``fpreg(rust_max(torch_max(x), acc))``. ``torch_max`` over the last axis
     propagates NaN; Rust's ``f32::max`` ignores a NaN operand, so a NaN row leaves ``acc``."""
     acc, x = _f32(acc), _f32(x)
-    m = ieee.max_reduce(x)
-    res = jnp.where(jnp.isnan(m), acc, jnp.where(jnp.isnan(acc), m, ieee.maximum(m, acc)))
+    ar = _arith(policy, "fpreg")
+    m = ar.max_reduce(x)
+    res = jnp.where(jnp.isnan(m), acc, jnp.where(jnp.isnan(acc), m, ar.maximum(m, acc)))
     return fpreg(res, policy)
 
 

@@ -14,6 +14,9 @@ The additions are unrolled at trace time (n is static), vectorised over leading 
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -74,6 +77,7 @@ def _row_sum(items: list, zero):
     return parts[0]
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def torch_sum(x, lanes: int = 8) -> jnp.ndarray:
     """Sum over the last axis of an f32 array in libtorch's CPU order, IEEE f32 (subnormals
     kept although XLA:CPU flushes them, :mod:`plena.numerics.ieee`).
@@ -99,6 +103,12 @@ def torch_sum(x, lanes: int = 8) -> jnp.ndarray:
     s = _torch_sum_plain(_scale_up(x, b, ef, k[..., None]), lanes)
     # the barrier keeps XLA from fusing (duplicating) the chain of adds into each use of s
     return _scale_down(lax.optimization_barrier(s), k)
+
+
+@torch_sum.defjvp
+def _torch_sum_jvp(lanes, primals, tangents):
+    (x,), (t,) = primals, tangents
+    return torch_sum(x, lanes), _torch_sum_plain(jnp.asarray(t, jnp.float32), lanes)
 
 
 def _pow2(e):
