@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["add", "sub", "mul", "maximum", "minimum", "greater", "max_reduce"]
+__all__ = ["add", "sub", "mul", "maximum", "minimum", "greater", "max_reduce", "scale_up_exact",
+           "scale_down_exact"]
 
 _U = jnp.uint32
 _SIGN = np.uint32(0x80000000)
@@ -66,27 +67,40 @@ def _pow2(e: int):
 # add / sub
 # ---------------------------------------------------------------------------------------------
 
-def _scale_up(x, b):
-    """Exact ``x * 2**64`` for ``|x| < 2**-100`` (subnormals through their significand)."""
-    sub = (b & np.uint32(0x7FFFFF)).astype(jnp.float32) * _pow2(-149 + _K)
+def _pow2_of(e):
+    """2.0**e as f32 for integer arrays e >= -126 (0.0 below)."""
+    return _float(jnp.where(e >= -126, (jnp.clip(e, -126, 127) + 127) << 23, 0).astype(_U))
+
+
+def scale_up_exact(x, k):
+    """Exact ``x * 2**k`` for integer ``k >= 0`` (broadcasting) where no overflow occurs: the
+    exponent field moved for normal values, the integer significand rescaled for subnormals (a
+    multiply would meet DAZ). ±inf and NaN pass through."""
+    b = _bits(x)
+    k = jnp.asarray(k, jnp.int32)
+    ef = ((b >> np.uint32(23)) & np.uint32(0xFF)).astype(jnp.int32)
+    up = _float(jnp.where((ef > 0) & (ef < 255), b + (k << 23).astype(_U), b))
+    sub = (b & np.uint32(0x7FFFFF)).astype(jnp.float32) * _pow2_of(k - 149)
     sub = jnp.where((b & _SIGN) != 0, -sub, sub)
-    return jnp.where((b & _INF) == 0, sub, x * _pow2(_K))
+    return jnp.where(ef == 0, sub, up)
 
 
-def _scale_down(s):
-    """f32 ``s * 2**-64`` built on the bits; exact when the value is representable."""
+def scale_down_exact(s, k):
+    """``s * 2**-k`` for integer ``k >= 0`` and a value that is exactly representable (normal or
+    subnormal), built on the bits."""
     b = _bits(s)
-    sign, mag = b & _SIGN, b & _MAG
-    q = (jnp.abs(s) * _pow2(149 - _K)).astype(_U)  # a subnormal's significand, < 2**23
-    small = mag < np.uint32((127 - 126 + _K) << 23)
-    return _float(jnp.where(small, sign | q, _bits(s * _pow2(-_K))))
+    k = jnp.asarray(k, jnp.int32)
+    ef = ((b >> np.uint32(23)) & np.uint32(0xFF)).astype(jnp.int32)
+    normal = (ef - k >= 1) | (ef == 255) | (k == 0)
+    q = (jnp.abs(s) * _pow2_of(149 - k)).astype(_U)  # a subnormal's significand (exact)
+    return _float(jnp.where(normal, b - (k << 23).astype(_U) * (ef < 255), (b & _SIGN) | q))
 
 
 def _add_impl(a, b):
     a, b = _operands(a, b)
     ba, bb = _bits(a), _bits(b)
     tiny = ((ba & _MAG) < _TINY) & ((bb & _MAG) < _TINY)
-    slow = _scale_down(_scale_up(a, ba) + _scale_up(b, bb))
+    slow = scale_down_exact(scale_up_exact(a, _K) + scale_up_exact(b, _K), _K)
     return jnp.where(tiny, slow, a + b)
 
 
@@ -205,18 +219,19 @@ def greater(a, b):
     return (_key(a) > _key(b)) & ~jnp.isnan(a) & ~jnp.isnan(b)
 
 
-def _select_max(a, b, pick_a):
-    """Keeps the backend's choice among equal-valued zeros; otherwise the keyed choice."""
-    return lambda plain: jnp.where((_key(a) == 0) & (_key(b) == 0), plain, jnp.where(pick_a, a, b))
+def _keyed_extreme(a, b, plain, pick_a):
+    """``pick_a ? a : b`` decided on keys, NaN propagating as in ``plain``; among equal-valued
+    zeros (+0, -0) the backend's choice ``plain`` is kept."""
+    both_zero = (_key(a) == 0) & (_key(b) == 0)
+    keyed = jnp.where(both_zero, plain, jnp.where(pick_a, a, b))
+    return jnp.where(jnp.isnan(a) | jnp.isnan(b), plain, keyed)
 
 
 @jax.custom_jvp
 def maximum(a, b):
     """``jnp.maximum`` with subnormals ordered as IEEE does (NaN propagates)."""
     a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-    plain = jnp.maximum(a, b)
-    keyed = _select_max(a, b, _key(a) >= _key(b))(plain)
-    return jnp.where(jnp.isnan(a) | jnp.isnan(b), plain, keyed)
+    return _keyed_extreme(a, b, jnp.maximum(a, b), _key(a) >= _key(b))
 
 
 @maximum.defjvp
@@ -230,9 +245,7 @@ def _maximum_jvp(primals, tangents):
 def minimum(a, b):
     """``jnp.minimum`` with subnormals ordered as IEEE does (NaN propagates)."""
     a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-    plain = jnp.minimum(a, b)
-    keyed = _select_max(a, b, _key(a) <= _key(b))(plain)
-    return jnp.where(jnp.isnan(a) | jnp.isnan(b), plain, keyed)
+    return _keyed_extreme(a, b, jnp.minimum(a, b), _key(a) <= _key(b))
 
 
 @minimum.defjvp

@@ -21,13 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .bf16 import f32_bits, f32_from_bits
+from .bf16 import f32_bits
+from .ieee import scale_down_exact, scale_up_exact
 
 _ILP = 4
 
-
-def _plain_add(a, b):
-    return a + b
 _LEVELS = 4
 
 
@@ -45,18 +43,18 @@ def _multi_row_sum(rows: list, zero):
     i = 0
     while i + level_step <= size:
         for _ in range(level_step):
-            acc[0] = _plain_add(acc[0], rows[i])
+            acc[0] = acc[0] + rows[i]
             i += 1
         for j in range(1, _LEVELS):
-            acc[j] = _plain_add(acc[j], acc[j - 1])
+            acc[j] = acc[j] + acc[j - 1]
             acc[j - 1] = zero
             if i & (level_mask << (j * level_power)):
                 break
     while i < size:
-        acc[0] = _plain_add(acc[0], rows[i])
+        acc[0] = acc[0] + rows[i]
         i += 1
     for j in range(1, _LEVELS):
-        acc[0] = _plain_add(acc[0], acc[j])
+        acc[0] = acc[0] + acc[j]
     return acc[0]
 
 
@@ -71,9 +69,9 @@ def _row_sum(items: list, zero):
     else:
         parts = [zero] * _ILP
     for i in range(size_ilp * _ILP, n):
-        parts[0] = _plain_add(parts[0], items[i])
+        parts[0] = parts[0] + items[i]
     for k in range(1, _ILP):
-        parts[0] = _plain_add(parts[0], parts[k])
+        parts[0] = parts[0] + parts[k]
     return parts[0]
 
 
@@ -100,39 +98,15 @@ def torch_sum(x, lanes: int = 8) -> jnp.ndarray:
     lo = jnp.min(jnp.where(finite_nz, top, 1000), axis=-1)
     hi = jnp.max(jnp.where(finite_nz, top, -1000), axis=-1)
     k = jnp.clip(jnp.minimum(-100 - lo, 126 - 1 - max(1, (n - 1).bit_length()) - hi), 0, 250)
-    s = _torch_sum_plain(_scale_up(x, b, ef, k[..., None]), lanes)
+    s = _torch_sum_plain(scale_up_exact(x, k[..., None]), lanes)
     # the barrier keeps XLA from fusing (duplicating) the chain of adds into each use of s
-    return _scale_down(lax.optimization_barrier(s), k)
+    return scale_down_exact(lax.optimization_barrier(s), k)
 
 
 @torch_sum.defjvp
 def _torch_sum_jvp(lanes, primals, tangents):
     (x,), (t,) = primals, tangents
     return torch_sum(x, lanes), _torch_sum_plain(jnp.asarray(t, jnp.float32), lanes)
-
-
-def _pow2(e):
-    """2.0**e as f32 for integer arrays e >= -126 (0.0 below)."""
-    return f32_from_bits(jnp.where(e >= -126, (jnp.clip(e, -126, 127) + 127) << 23, 0).astype(jnp.uint32))
-
-
-def _scale_up(x, b, ef, k):
-    """Exact ``x * 2**k`` (k >= 0, no overflow): the exponent field moved for normal values,
-    the integer significand rescaled for subnormals (a multiply would meet DAZ)."""
-    up = f32_from_bits(jnp.where((ef > 0) & (ef < 255), b + (k << 23).astype(jnp.uint32), b))
-    sub = (b & np.uint32(0x7FFFFF)).astype(jnp.float32) * _pow2(k - 149)
-    sub = jnp.where((b >> np.uint32(31)) == 1, -sub, sub)
-    return jnp.where(ef == 0, sub, up)
-
-
-def _scale_down(s, k):
-    """``s * 2**-k`` for a value that is exactly representable (k >= 0), built on the bits."""
-    b = f32_bits(s)
-    sign = b & np.uint32(0x80000000)
-    ef = ((b >> np.uint32(23)) & np.uint32(0xFF)).astype(jnp.int32)
-    normal = (ef - k >= 1) | (ef == 255) | (k == 0)
-    q = (jnp.abs(s) * _pow2(149 - k)).astype(jnp.uint32)  # a subnormal's significand (exact)
-    return f32_from_bits(jnp.where(normal, b - (k << 23).astype(jnp.uint32) * (ef < 255), sign | q))
 
 
 def _torch_sum_plain(x, lanes: int):
@@ -145,7 +119,7 @@ def _torch_sum_plain(x, lanes: int):
     vacc = _row_sum(vecs, jnp.zeros(x.shape[:-1] + (lanes,), jnp.float32))
     final = zero
     for k in range(nvec * lanes, n):
-        final = _plain_add(final, x[..., k])
+        final = final + x[..., k]
     for lane in range(lanes):
-        final = _plain_add(final, vacc[..., lane])
+        final = final + vacc[..., lane]
     return final

@@ -23,6 +23,9 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from . import ieee
+from .mx import _ldexp_bits  # exact scaling on the bits
+
 EXP_CLAMP = 88.0
 
 
@@ -127,7 +130,6 @@ def exp_f32(d) -> jnp.ndarray:
     into three bf16 pieces whose exps come from an extended-precision table and are multiplied
     in double-f32 arithmetic; the power of two is applied on the bits (gradual underflow, no
     FTZ). NaN -> NaN, ``d > 88.8`` -> inf, ``d < -104`` -> 0. jit-able, no float64."""
-    from .mx import _ldexp_bits  # exact scaling on the bits
     d = jnp.asarray(d, jnp.float32)
     bits = lax.bitcast_convert_type(d, jnp.uint32)
     part1 = bits & np.uint32(0xFFFF0000)  # bf16 truncations: d = p1 + p2 + p3 exactly
@@ -166,7 +168,6 @@ def topk_weights(v) -> jnp.ndarray:
     """V_TOPK weights of the selected logits ``v[..., K]`` in rank order (spec §4.2):
     ``w_k = expf(v_k - v_0)`` in f32, ``den`` summed sequentially, ``w_k / den`` when ``den`` is
     finite and positive, else 0. IEEE f32 throughout (subnormals kept)."""
-    from . import ieee
     v = jnp.asarray(v, jnp.float32)
     w = exp_f32(ieee.sub(v, v[..., :1]))
     den = w[..., 0]
@@ -176,7 +177,6 @@ def topk_weights(v) -> jnp.ndarray:
     safe = jnp.where(ok, den, 1.0)[..., None]
     # w <= den and den >= 1 here (w_0 = 1): only a tiny w can meet FTZ; scale it up by 2**64
     # (exact), divide, and scale back on the bits with RNE
-    from .mx import _ldexp_bits
     tiny = w < np.float32(2.0 ** -100)
     wbits = lax.bitcast_convert_type(w, jnp.uint32)
     w_up = lax.bitcast_convert_type(_ldexp_bits(jnp, wbits, jnp.int32(64)), jnp.float32)
