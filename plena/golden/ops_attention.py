@@ -18,6 +18,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from .primitives import (fpsram, matmul_tiles, mx_qdq, red_max_into, red_sum_into, s_add, s_exp,
                          s_max, s_mul, s_reci, s_sub, v_add, v_exp, v_mul, v_sub, vram)
@@ -73,13 +74,12 @@ def btmm_scores(q, k, hlen: int, policy: Optional[Policy] = None):
     return vram(acc * BTMM_SCALE, policy)
 
 
-def _online_step(s, mask, fscale, m, l, o, vt, cfg, policy):
-    """One key block of the online softmax, in the program's order: scale, mask, row max,
-    rescale factor, exponentials, row sums, then ``O = O * alpha + P @ V``."""
+def _online_step(s, mask, masked, fscale, m, l, o, vt, cfg, policy):
+    """One key block of the online softmax, in the program's order: scale, mask (where
+    ``masked``), row max, rescale factor, exponentials, row sums, then ``O = O * alpha + P @ V``."""
     mlen = cfg.mlen
     s = v_mul(s, fscale, policy)
-    if mask is not None:
-        s = v_add(s, mask, policy)
+    s = jnp.where(masked, v_add(s, mask, policy), s)
     mx = red_max_into(jnp.full((mlen,), -jnp.inf, jnp.float32), s, policy)
     mn = s_max(mx, m, policy)
     alpha = s_exp(s_sub(m, mn, policy), policy)
@@ -90,6 +90,42 @@ def _online_step(s, mask, fscale, m, l, o, vt, cfg, policy):
     return mn, l, v_add(v_mul(o, alpha[:, None], policy), pv, policy)
 
 
+def _head_attention(qh, kh, vh, score, fscale, cfg, causal, valid_last, policy):
+    """Online-softmax attention of one head over padded blocks: ``qh`` ``(nqb*MLEN, dq)`` (the
+    score operand), ``kh`` ``(nkb*MLEN, dq)``, ``vh`` ``(nkb*MLEN, d)``. Returns
+    ``(o, l)``: ``(nqb, MLEN, d)`` and ``(nqb, MLEN)``.
+
+    All query blocks advance together (``vmap``) through one ``lax.scan`` over the key blocks;
+    a query block skips (keeps its state for) the key blocks a causal program never visits, and
+    the mask of :func:`mask_kind` is formed from the traced block indices, so the traced graph
+    holds one online step whatever the sequence length."""
+    mlen = cfg.mlen
+    nqb, nkb = qh.shape[0] // mlen, kh.shape[0] // mlen
+    qblocks = qh.reshape(nqb, mlen, -1)
+    kblocks, vblocks = kh.reshape(nkb, mlen, -1), vh.reshape(nkb, mlen, -1)
+    idx = jnp.arange(mlen)
+
+    def key_block(carry, xs):
+        kb, kt, vt = xs
+
+        def one(qblk, qb, m, l, o):
+            diag = jnp.logical_and(causal, kb == qb)
+            valid = jnp.where(kb == nkb - 1, valid_last, mlen)
+            lim = jnp.minimum(jnp.where(diag, idx, mlen - 1), valid - 1)
+            mask = jnp.where(idx[None, :] > lim[:, None], -jnp.inf, 0.0).astype(jnp.float32)
+            new = _online_step(score(qblk, kt), mask, diag | (valid < mlen), fscale, m, l, o, vt, cfg, policy)
+            visit = jnp.logical_not(jnp.logical_and(causal, kb > qb))
+            return tuple(jnp.where(visit, a, b) for a, b in zip(new, (m, l, o)))
+
+        return jax.vmap(one)(qblocks, jnp.arange(nqb), *carry), None
+
+    d = vh.shape[-1]
+    init = (jnp.full((nqb, mlen), -jnp.inf, jnp.float32), jnp.zeros((nqb, mlen), jnp.float32),
+            jnp.zeros((nqb, mlen, d), jnp.float32))
+    (_, l, o), _ = lax.scan(key_block, init, (jnp.arange(nkb), kblocks, vblocks))
+    return o, l
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "num_heads", "num_kv_heads", "head_dim", "scale", "causal", "policy"))
 def flash_attention(q, k, v, *, cfg, num_heads: int, num_kv_heads: int, head_dim: Optional[int] = None,
                     scale: Optional[float] = None,
@@ -97,76 +133,64 @@ def flash_attention(q, k, v, *, cfg, num_heads: int, num_kv_heads: int, head_dim
     """Attention as :func:`plena.frontend.ops_attention.flash_attention` computes it.
 
     ``q``: VRAM values ``(S, H*d)`` (``d = head_dim``: HLEN, MLEN, or any other multiple of
-    HLEN via :func:`_flash_general`, the frontend's general head-dim path); ``k``, ``v``: the
-    original f32 ``(Skv, C)`` HBM tensors (the op loads them into MRAM: ``mx_qdq`` at
+    HLEN, the frontend's general head-dim path, see :func:`_general_operands`); ``k``, ``v``:
+    the original f32 ``(Skv, C)`` HBM tensors (the op loads them into MRAM: ``mx_qdq`` at
     ``hbm_kv``), kv head t in columns ``t*d..``. Returns ``(S, H*d)`` (VRAM values).
 
     Per head and key block (``s`` scores, ``m``/``l`` running max / sum as fp registers)::
 
-        s = vram(0.25 * Q_h K_t^T)   [d = HLEN, M_BTMM]   or   vram(Q_h K_t^T)  [d = MLEN, M_TMM]
-        s = vram(s * fpsram(scale'))  [then vram(s + causal mask row) on the diagonal block]
+        s = vram(0.25 * Q_h K_t^T)   [d = HLEN, M_BTMM]   or   vram(Q'_h K'_t^T)  [else, M_TMM]
+        s = vram(s * fpsram(scale'))  [then vram(s + mask row) where the program masks]
         mn = s_max(red_max(-inf, s), m); alpha = s_exp(s_sub(m, mn))
         p = vram(exp(vram(s - mn))); l = s_add(s_mul(l, alpha), red_sum(0, p))
         o = vram(vram(o * alpha) + matmul_tiles(p, V_t))
     Sequences that are not whole MLEN blocks are padded (zero query rows, dropped at the end;
     zero keys masked to -inf with the same ``(diag, valid)`` masks as the program, see
-    :func:`mask_kind`);
-    then ``y = vram(o * s_reci(l))`` (``vram(y + 0)`` for the lane merge when BA heads share a
-    column block)."""
+    :func:`mask_kind`); causal programs visit key blocks ``0 .. qb`` only.
+    Then ``y = vram(o * s_reci(l))``, and ``vram(y + 0)`` on the output column blocks that two
+    or more heads share (the lane merge adds the other heads' zero lanes; with d = HLEN < MLEN
+    every head's output goes through it).
+
+    Heads and query blocks are vmapped and key blocks scanned (:func:`_head_attention`): the
+    traced graph has one online step, so compile time does not grow with heads or sequence."""
     mlen, hlen = cfg.mlen, cfg.hlen
     d = hlen if head_dim is None else head_dim
-    batched, lanes = d == hlen, max(1, mlen // d)
-    if d not in (hlen, mlen):
-        return _flash_general(q, k, v, cfg, num_heads, num_kv_heads, d, scale, causal, policy)
     H, Hkv = num_heads, num_kv_heads
     G = H // Hkv
+    batched = d == hlen
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    q = jnp.asarray(q, jnp.float32)
-    km = mx_qdq(jnp.asarray(k, jnp.float32), None, policy, "hbm_kv")
-    vm = mx_qdq(jnp.asarray(v, jnp.float32), None, policy, "hbm_kv")
-    S, Skv = q.shape[0], km.shape[0]
-    s_pad, nkb = -(-S // mlen) * mlen, -(-Skv // mlen)
-    valid_last = Skv - (nkb - 1) * mlen
-    # whole blocks: padded query rows (zeros; computed, then dropped) and keys (masked to -inf)
-    q = jnp.pad(q, ((0, s_pad - S), (0, 0)))
-    km = jnp.pad(km, ((0, nkb * mlen - Skv), (0, 0)))
-    vm = jnp.pad(vm, ((0, nkb * mlen - Skv), (0, 0)))
-    fscale = fpsram(scale / BTMM_SCALE if batched else scale, policy)
-    idx = jnp.arange(mlen)
+    q, km, vm, S, s_pad, nkb, valid_last = _pad_blocks(q, k, v, mlen, policy)
+    kv_of = np.arange(H) // G  # kv head of each query head
+    vh = _per_head(vm, Hkv, d, kv_of)  # (H, Skv_pad, d)
+    if batched:
+        qh, kh = _per_head(q, H, d, np.arange(H)), _per_head(km, Hkv, d, kv_of)
+        fscale = fpsram(scale / BTMM_SCALE, policy)
 
-    def mask_of(kind):  # see plena.frontend.ops_attention.mask_kind
-        diag, valid = kind
-        lim = jnp.minimum(idx if diag else jnp.full((mlen,), mlen - 1), valid - 1)
-        return jnp.where(idx[None, :] > lim[:, None], -jnp.inf, 0.0).astype(jnp.float32)
+        def score(qblk, kt):
+            return btmm_scores(qblk, kt, hlen, policy)
+    else:  # M_TMM over the lanes of the kv head's K strips, M_MM_WO
+        qh, kh = _general_operands(q, km, cfg, H, G, d, policy)
+        fscale = fpsram(scale, policy)
 
-    out_blocks = []
-    for qb in range(s_pad // mlen):
-        qrows = q[qb * mlen:(qb + 1) * mlen]
-        heads_out = []
-        for h in range(H):
-            t = h // G
-            qh = qrows[:, h * d:(h + 1) * d]
-            m = jnp.full((mlen,), -jnp.inf, jnp.float32)
-            l = jnp.zeros((mlen,), jnp.float32)
-            o = jnp.zeros((mlen, d), jnp.float32)
-            for kb in range(nkb):
-                if causal and kb > qb:
-                    continue
-                kind = mask_kind(cfg, causal, qb, kb, nkb, valid_last)
-                kt = km[kb * mlen:(kb + 1) * mlen, t * d:(t + 1) * d]
-                vt = vm[kb * mlen:(kb + 1) * mlen, t * d:(t + 1) * d]
-                if batched:
-                    s = btmm_scores(qh, kt, hlen, policy)
-                else:  # M_TMM over the MLEN dims, M_MM_WO
-                    s = matmul_tiles(qh, kt.T, cfg, policy)
-                m, l, o = _online_step(s, None if kind is None else mask_of(kind), fscale, m, l, o, vt, cfg, policy)
-            y = v_mul(o, s_reci(l, policy)[:, None], policy)
-            if lanes > 1:  # the lane merge adds the other heads' zero lanes
-                y = v_add(y, 0.0, policy)
-            heads_out.append(y)
-        out_blocks.append(jnp.concatenate(heads_out, axis=-1))
-    return jnp.concatenate(out_blocks, axis=0)[:S]
+        def score(qblk, kt):
+            return matmul_tiles(qblk, kt.T, cfg, policy)
+
+    head = functools.partial(_head_attention, score=score, fscale=fscale, cfg=cfg, causal=causal,
+                             valid_last=valid_last, policy=policy)
+    o, l = jax.vmap(head)(qh, kh, vh)  # (H, nqb, MLEN, d), (H, nqb, MLEN)
+    y = v_mul(o, s_reci(l, policy)[..., None], policy)
+    y = y.transpose(1, 2, 0, 3).reshape(s_pad, H * d)
+    if batched and mlen > d:
+        y = v_add(y, 0.0, policy)
+    elif not batched:
+        col_block = np.arange(H * d) // mlen
+        heads_in = [sum(1 for h in range(H) if h * d < (c + 1) * mlen and h * d + d > c * mlen)
+                    for c in range(col_block[-1] + 1)]
+        shared = np.asarray(heads_in)[col_block] > 1
+        if shared.any():
+            y = jnp.where(shared, v_add(y, 0.0, policy), y)
+    return y[:S]
 
 
 def _pad_blocks(q, k, v, mlen, policy):
@@ -182,69 +206,41 @@ def _pad_blocks(q, k, v, mlen, policy):
     return q, km, vm, S, s_pad, nkb, Skv - (nkb - 1) * mlen
 
 
-def _mask(mlen, kind):
-    diag, valid = kind
-    idx = jnp.arange(mlen)
-    lim = jnp.minimum(idx if diag else jnp.full((mlen,), mlen - 1), valid - 1)
-    return jnp.where(idx[None, :] > lim[:, None], -jnp.inf, 0.0).astype(jnp.float32)
+def _per_head(x, n: int, d: int, which) -> jnp.ndarray:
+    """``(n_out, rows, d)``: head ``which[i]`` of the ``n`` heads in columns ``0 .. n*d`` of
+    ``x`` (the tensor may be wider)."""
+    return x[:, :n * d].reshape(x.shape[0], n, d)[:, which].transpose(1, 0, 2)
 
 
-def _flash_general(q, k, v, cfg, H, Hkv, d, scale, causal, policy):
-    """The general head-dim path of :mod:`plena.frontend.ops_attention` (``d`` a multiple of
-    HLEN other than HLEN and MLEN), one head at a time::
+def _general_operands(q, km, cfg, H, G, d, policy):
+    """Score operands of the general head-dim path of :mod:`plena.frontend.ops_attention`
+    (``d`` a multiple of HLEN other than HLEN), per head ``h`` with kv head ``t = h // G``::
 
-        Q'_s = lanes of head h moved onto kv head t's lanes of K strip s   (d % MLEN != 0)
+        K'_t = K strips s_lo .. s_hi holding t's columns (whole MLEN-wide strips)
+        Q'_h = per strip: the lanes of head h moved onto t's lanes of that strip
              = per run of dims: matmul_tiles(Q block bq, shift_matrix(delta))  (exact: one
-               non-zero product per element), zero elsewhere
-        Q'_s = Q column block h*n + s                                       (d = n*MLEN)
-        s = vram(sum_s Q'_s K_s^T)   (M_TMM per strip, ascending s, one f32 accumulator:
-                                      matmul_tiles over the concatenated strips)
-        then the online softmax / PV / rescale of :func:`flash_attention` (scale multiplier
-        ``scale``, no 0.25), y = vram(o * s_reci(l)), and ``vram(y + 0)`` on the output column
-        blocks that two or more heads share (their merge adds the other heads' zero lanes)."""
+               non-zero product per element), zero elsewhere                 (d % MLEN != 0)
+             = Q column blocks of head h                                      (d % MLEN == 0)
+
+    so ``Q'_h K'_t^T`` is the M_TMM per strip, ascending, into one f32 accumulator. Heads whose
+    kv head spans fewer strips are padded with zero strips at the end: a zero K-chunk adds
+    ``+0.0`` to an accumulator that is never ``-0.0``, so the scores are unchanged.
+
+    Returns ``(Q', K')``: ``(H, S_pad, n*MLEN)`` and ``(H, Skv_pad, n*MLEN)``."""
     mlen = cfg.mlen
-    G = H // Hkv
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    q, km, vm, S, s_pad, nkb, valid_last = _pad_blocks(q, k, v, mlen, policy)
-    fscale = fpsram(scale, policy)
-    aligned = d % mlen == 0
-    nblk_out = (H * d) // mlen
-    shared = [sum(1 for h in range(H) if h * d < (c + 1) * mlen and h * d + d > c * mlen) > 1
-              for c in range(nblk_out)]
-    out_blocks = []
-    for qb in range(s_pad // mlen):
-        qrows = q[qb * mlen:(qb + 1) * mlen]
-        heads_out = []
-        for h in range(H):
-            t = h // G
-            strips, runs = head_layout(mlen, d, h, t)
-            if aligned:
-                qcat = qrows[:, h * d:(h + 1) * d]
-            else:
-                parts = [jnp.zeros((mlen, mlen), jnp.float32) for _ in strips]
-                for si, i0, i1, bq, dl in runs:
-                    x0 = t * d + i0 - strips[si] * mlen
-                    sel = matmul_tiles(qrows[:, bq * mlen:(bq + 1) * mlen], jnp.asarray(shift_matrix(mlen, dl)),
-                                       cfg, policy)
-                    parts[si] = parts[si].at[:, x0:x0 + i1 - i0].set(sel[:, x0:x0 + i1 - i0])
-                qcat = jnp.concatenate(parts, axis=-1)
-            kcols = slice(strips[0] * mlen, (strips[-1] + 1) * mlen) if not aligned else slice(t * d, (t + 1) * d)
-            m = jnp.full((mlen,), -jnp.inf, jnp.float32)
-            l = jnp.zeros((mlen,), jnp.float32)
-            o = jnp.zeros((mlen, d), jnp.float32)
-            for kb in range(nkb):
-                if causal and kb > qb:
-                    continue
-                kind = mask_kind(cfg, causal, qb, kb, nkb, valid_last)
-                kt = km[kb * mlen:(kb + 1) * mlen, kcols]
-                vt = vm[kb * mlen:(kb + 1) * mlen, t * d:(t + 1) * d]
-                s = matmul_tiles(qcat, kt.T, cfg, policy)
-                m, l, o = _online_step(s, None if kind is None else _mask(mlen, kind), fscale, m, l, o, vt, cfg,
-                                       policy)
-            heads_out.append(v_mul(o, s_reci(l, policy)[:, None], policy))
-        y = jnp.concatenate(heads_out, axis=-1)
-        y = jnp.concatenate([v_add(y[:, c * mlen:(c + 1) * mlen], 0.0, policy) if shared[c]
-                             else y[:, c * mlen:(c + 1) * mlen] for c in range(nblk_out)], axis=-1)
-        out_blocks.append(y)
-    return jnp.concatenate(out_blocks, axis=0)[:S]
+    if d % mlen == 0:
+        return _per_head(q, H, d, np.arange(H)), _per_head(km, H // G, d, np.arange(H) // G)
+    layouts = [head_layout(mlen, d, h, h // G) for h in range(H)]
+    width = max(len(strips) for strips, _ in layouts) * mlen
+    qs, ks = [], []
+    for h, (strips, runs) in enumerate(layouts):
+        parts = [jnp.zeros((q.shape[0], mlen), jnp.float32) for _ in strips]
+        for si, i0, i1, bq, dl in runs:
+            x0 = (h // G) * d + i0 - strips[si] * mlen
+            sel = matmul_tiles(q[:, bq * mlen:(bq + 1) * mlen], jnp.asarray(shift_matrix(mlen, dl)), cfg, policy)
+            parts[si] = parts[si].at[:, x0:x0 + i1 - i0].set(sel[:, x0:x0 + i1 - i0])
+        qcat = jnp.concatenate(parts, axis=-1)
+        kcat = km[:, strips[0] * mlen:(strips[-1] + 1) * mlen]
+        qs.append(jnp.pad(qcat, ((0, 0), (0, width - qcat.shape[1]))))
+        ks.append(jnp.pad(kcat, ((0, 0), (0, width - kcat.shape[1]))))
+    return jnp.stack(qs), jnp.stack(ks)
