@@ -31,3 +31,20 @@ def test_no_whole_memory_copies_in_compiled_loop():
         assert re.search(shape, hlo), f"{name} buffer not found in HLO: the check would be vacuous"
         copies = [ln for ln in hlo.splitlines() if re.search(rf"= {shape}\S* copy\(", ln)]
         assert not copies, f"whole-{name} copies in the compiled loop: {copies[:2]}"
+
+
+def test_batched_head_accumulator_is_not_copied_per_branch():
+    """hm_acc (BA x MLEN x MLEN f32) passes through the dispatch only behind a lax.cond taken
+    by the opcodes that use it. Before, every switch branch returned it, and XLA copied it on
+    every step (one copy per branch in the HLO, 50+). Left: the three head-accumulator
+    opcodes that leave hm_acc unchanged (M_BMV, M_BTMV, M_BMV_WO) and run only for those."""
+    cfg = default_config()
+    prog = load_program(assemble("M_BTMM 0, gp0, gp0\nV_ADD_VV gp0, gp0, gp0, 0\n"))
+    geo = geometry_for(prog, cfg, plan_program(prog, cfg), hbm_len=0, vram_len=0, hbm_capacity=1 << 20)
+    st = init_state(geo, hbm_capacity=1 << 20)
+    fields = Fields(*(jnp.asarray(np.pad(getattr(prog, n), (0, geo.prog_len - len(prog)))) for n in Fields._fields))
+    hlo = run_program.lower(geo, fields, st, jnp.int32(len(prog)), jnp.int32(10)).compile().as_text()
+    shape = rf"f32\[{cfg.broadcast_amount},{cfg.mlen},{cfg.mlen}\]"
+    assert re.search(shape, hlo), "hm_acc not found in HLO: the check would be vacuous"
+    copies = [ln for ln in hlo.splitlines() if re.search(rf"= {shape}\S* copy\(", ln)]
+    assert len(copies) <= 3, f"{len(copies)} hm_acc copies in the compiled loop: {copies[:2]}"

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from plena.config import PlenaConfig, default_config
 from plena.emu_jax import fast
-from plena.emu_jax.api import (_COMPILED, check_inputs, finish, use_fast, geometry_for, load_program,
+from plena.emu_jax.api import (_COMPILED, _cold_opcodes, check_inputs, finish, use_fast, geometry_for, load_program,
                                program_fields, step_limit)
 from plena.emu_jax.cache import enable_compilation_cache
 from plena.emu_jax import dispatch, ops_scalar, ops_vector
@@ -54,10 +54,12 @@ _TOPK = BY_MNEMONIC["V_TOPK"].code
 BATCH_BRANCHES = tuple(ops_scalar.invalid if fn is ops_vector.v_topk else fn for fn in dispatch.BRANCHES)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def run_program_batched(geo, prog, st, n_instr, max_steps):
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("branches",), donate_argnums=(2,))
+def run_program_batched(geo, prog, st, n_instr, max_steps, branches=BATCH_BRANCHES):
+    """The interpreter over a batch (``branches``: a subset of :data:`BATCH_BRANCHES`, see
+    :func:`plena.emu_jax.dispatch.branches_for`)."""
     axes = state_axes()
-    body = jax.vmap(functools.partial(step, geo, prog, branches=BATCH_BRANCHES), in_axes=(axes,), out_axes=axes)
+    body = jax.vmap(functools.partial(step, geo, prog, branches=branches), in_axes=(axes,), out_axes=axes)
 
     def cond(s):
         return (s.pc < n_instr) & (s.err == 0) & ((s.steps < max_steps) | (s.sub != 0))
@@ -141,11 +143,15 @@ def run_batch(program, cfg: PlenaConfig | None = None, *, hbm: Sequence, fpsram:
                 raise BatchDivergence("the program's control flow depends on tensor data; run the input "
                                       "sets separately") from exc
             raise
-    key = ("batch", geo, size, None if devices is None else tuple(devices))
+    opcodes = set(int(c) for c in _cold_opcodes(prog, ex))
+    branches = tuple(fn if fn is BATCH_BRANCHES[i] else BATCH_BRANCHES[dispatch.INVALID]
+                     for i, fn in enumerate(dispatch.branches_for(sorted(opcodes))))
+    key = ("batch", geo, size, None if devices is None else tuple(devices), branches)
     compiled = _COMPILED.get(key)
     if compiled is None and (ex is None or any(isinstance(s, fast.Interp) for s in ex.steps)):
         try:
-            compiled = _COMPILED[key] = run_program_batched.lower(geo, fields, st, n, limit).compile()
+            compiled = _COMPILED[key] = run_program_batched.lower(geo, fields, st, n, limit,
+                                                                  branches=branches).compile()
         except ValueError as exc:  # vmap: an unbatched (control) output became data-dependent
             if "out_axes" in str(exc) or "vmap" in str(exc):
                 raise BatchDivergence("the program's control flow depends on tensor data "

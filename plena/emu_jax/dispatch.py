@@ -45,6 +45,9 @@ BRANCHES = [ops_scalar.invalid, ops_scalar.skip] + [IMPLEMENTATIONS[OPCODES[c].m
 BRANCH_OF = np.full(64, INVALID, np.int32)
 for _i, _code in enumerate(c for c in sorted(OPCODES) if OPCODES[c].executable):
     BRANCH_OF[_code] = _i + 2
+#: branches of the opcodes that read or write the batched-head accumulators (hm_acc, hv_acc)
+HEAD_ACC_BRANCHES = frozenset(int(BRANCH_OF[c]) for c in OPCODES
+                              if OPCODES[c].mnemonic in ("M_BMM", "M_BTMM", "M_BMM_WO", "M_BMV", "M_BTMV", "M_BMV_WO"))
 FP_DEST = np.array([bool(OPCODES.get(c) and OPCODES[c].fp_dest) for c in range(64)])
 
 

@@ -13,6 +13,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from plena.emu_jax import dispatch
@@ -40,9 +41,23 @@ def _replaying(geo, fn):
     return branch
 
 
+def _split(branches) -> tuple[tuple, tuple, np.ndarray]:
+    """``branches`` as two dispatch tables: ``plain``, the opcodes that do not touch the
+    batched-head accumulators (the others made invalid), and ``heads``, those that do, with
+    ``heads_index`` mapping a branch number to 1 + its place there (0: not there)."""
+    invalid = dispatch.BRANCHES[dispatch.INVALID]
+    order = sorted(dispatch.HEAD_ACC_BRANCHES)
+    plain = tuple(invalid if i in dispatch.HEAD_ACC_BRANCHES else fn for i, fn in enumerate(branches))
+    heads = tuple(branches[i] for i in order)
+    heads_index = np.zeros(len(branches), np.int32)
+    heads_index[order] = np.arange(1, len(order) + 1)
+    return plain, heads, heads_index
+
+
 def effect_of(geo: Geometry, prog: Fields, st: MachineState, branches=None):
     """Dispatch the current micro-step: (fields, state with loop counts bumped, over_budget,
-    skip, Effect). Nothing is written yet."""
+    skip, Effect). Nothing is written yet, except that the Effect's batched-head accumulators
+    (``hm_acc``, ``hv_acc``) are final: already the old values when the step fails."""
     cfg = geo.cfg
     f = Fields(*(col[st.pc] for col in prog))
     op = f.opcode
@@ -54,12 +69,33 @@ def effect_of(geo: Geometry, prog: Fields, st: MachineState, branches=None):
 
     skip = jnp.asarray(dispatch.FP_DEST)[op] & (f.rd == 0)
     branch = jnp.where(skip, dispatch.SKIP, jnp.asarray(dispatch.BRANCH_OF)[op])
-    # record -> fetch -> replay (operands.py): no branch ever takes a large memory as operand
-    small = st1._replace(vram=None, mram=None, hbm=None)
     branches = dispatch.BRANCHES if branches is None else branches
-    requests = lax.switch(branch, [_recording(geo, fn) for fn in branches], small, f)
+    plain, heads, heads_index = _split(branches)
+    uses_heads = any(fn is not dispatch.BRANCHES[dispatch.INVALID] for fn in heads)
+    # record -> fetch -> replay (operands.py): no branch ever takes a large memory as operand.
+    # The batched-head accumulators (BA x MLEN x MLEN) are large too: only the branches of the
+    # opcodes that use them see them, behind a lax.cond that passes them through otherwise
+    # (a pass-through in a switch branch costs a whole copy per step).
+    small = st1._replace(vram=None, mram=None, hbm=None)
+    blank = small._replace(hm_acc=jnp.zeros((0,), jnp.float32), hv_acc=jnp.zeros((0,), jnp.float32))
+    zeros = small._replace(hm_acc=jnp.zeros_like(st.hm_acc), hv_acc=jnp.zeros_like(st.hv_acc))
+    requests = lax.switch(branch, [_recording(geo, fn) for fn in branches], zeros, f)
     fetched = fetch(geo, st1, requests)
-    eff = lax.switch(branch, [_replaying(geo, fn) for fn in branches], small, f, fetched)
+
+    def plain_step(hm, hv):
+        eff = lax.switch(branch, [_replaying(geo, fn) for fn in plain], blank, f, fetched)
+        return eff._replace(hm_acc=hm, hv_acc=hv)
+
+    def heads_step(hm, hv):
+        eff = lax.switch(jnp.asarray(heads_index)[branch] - 1, [_replaying(geo, fn) for fn in heads],
+                         small._replace(hm_acc=hm, hv_acc=hv), f, fetched)
+        ok = (eff.err == 0) & ~over_budget
+        return eff._replace(hm_acc=jnp.where(ok, eff.hm_acc, hm), hv_acc=jnp.where(ok, eff.hv_acc, hv))
+
+    if not uses_heads:
+        eff = plain_step(st1.hm_acc, st1.hv_acc)
+    else:
+        eff = lax.cond(jnp.asarray(heads_index)[branch] > 0, heads_step, plain_step, st1.hm_acc, st1.hv_acc)
     return f, st1, over_budget, skip, eff
 
 
@@ -96,8 +132,8 @@ def apply_effect(geo: Geometry, st: MachineState, f: Fields, st1: MachineState, 
         vmask=keep(eff.vmask, st.vmask), loop_pc=keep(eff.loop_pc, st.loop_pc),
         loop_reg=keep(eff.loop_reg, st.loop_reg), loop_cnt=keep(eff.loop_cnt, cnt),
         loop_sp=keep(eff.loop_sp, st.loop_sp), fpsram=fpsram, intsram=intsram, vram=vram, mram=mram,
-        hbm=hbm, m_acc=keep(eff.m_acc, st.m_acc), v_acc=keep(eff.v_acc, st.v_acc), hm_acc=keep(eff.hm_acc, st.hm_acc),
-        hv_acc=keep(eff.hv_acc, st.hv_acc),
+        hbm=hbm, m_acc=keep(eff.m_acc, st.m_acc), v_acc=keep(eff.v_acc, st.v_acc),
+        hm_acc=eff.hm_acc, hv_acc=eff.hv_acc,  # already kept by effect_of
         counts=st.counts.at[op].add(executed * (~skip)),
         skipped=st.skipped.at[op].add(executed * skip),
         topk_experts=st.topk_experts + jnp.where(ok, eff.topk_e, 0),
