@@ -12,7 +12,6 @@ from conftest import CONFORMANCE
 from plena.config import default_config
 from plena.emu_jax import api, fast, structure
 from plena.emu_jax.errors import PlenaError
-from plena.emu_jax.api import load_program
 from plena.emu_jax.plan import plan_program
 from plena.isa.memfile import read_mem
 
@@ -251,19 +250,3 @@ def test_opcode_subset_interpreter():
         dispatch.BRANCH_OF[BY_MNEMONIC["S_MUL_INT"].code]]
     assert branches[dispatch.BRANCH_OF[BY_MNEMONIC["V_ADD_VV"].code]] is dispatch.BRANCHES[dispatch.INVALID]
     assert sum(b is not dispatch.BRANCHES[dispatch.INVALID] for b in branches) == len(set(p.opcode)) + 1  # + SKIP
-
-
-def test_shared_interpreter_leaves_out_unused_optional_groups():
-    """The plain interpreter's branch set (api.interpreter_opcodes): every executable opcode,
-    less each costly optional group (V_TOPK; M_BMV/M_BTMV/M_BMV_WO; M_BMM/M_BTMM/M_BMM_WO) the
-    program does not use, so programs on one geometry share a few variants."""
-    from plena.isa.opcodes import BY_MNEMONIC, OPCODES
-
-    code = {m: BY_MNEMONIC[m].code for m in ("V_TOPK", "M_BTMV", "M_BMV_WO", "M_BTMM", "M_BMM_WO", "V_ADD_VV")}
-    every = {c for c, op in OPCODES.items() if op.executable}
-    plain = set(api.interpreter_opcodes(load_program(prog("V_ADD_VV gp1, gp2, gp3, 0"))).tolist())
-    assert plain == every - {c for g in api.OPTIONAL_GROUPS for c in g}
-    assert code["V_ADD_VV"] in plain and code["V_TOPK"] not in plain
-    heads = set(api.interpreter_opcodes(load_program(prog("M_BTMM 0, gp1, gp2\nV_TOPK gp1, gp2, gp3, 0"))).tolist())
-    assert {code["V_TOPK"], code["M_BTMM"], code["M_BMM_WO"]} <= heads
-    assert code["M_BTMV"] not in heads and code["M_BMV_WO"] not in heads

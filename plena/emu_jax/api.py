@@ -223,21 +223,6 @@ def _cold_opcodes(prog, ex) -> np.ndarray:
     return np.unique(np.concatenate(ranges)) if ranges else np.zeros(0, np.int32)
 
 
-#: opcodes whose branches cost much XLA compile time and that few programs hold: the shared
-#: interpreter leaves out each group a program does not use (V_TOPK alone is about a quarter
-#: of the full compile). Other programs on the same geometry still share one executable.
-OPTIONAL_GROUPS = tuple(frozenset(BY_MNEMONIC[m].code for m in g) for g in (
-    ("V_TOPK",), ("M_BMV", "M_BTMV", "M_BMV_WO"), ("M_BMM", "M_BTMM", "M_BMM_WO")))
-
-
-def interpreter_opcodes(prog) -> np.ndarray:
-    """Opcodes of the shared interpreter for ``prog``: all executable ones, less each
-    :data:`OPTIONAL_GROUPS` group the program does not use (a few variants per geometry)."""
-    used = set(int(c) for c in np.unique(prog.opcode))
-    drop = set().union(*(g for g in OPTIONAL_GROUPS if not g & used))
-    return np.asarray(sorted(c for c, op in OPCODES.items() if op.executable and c not in drop), np.int32)
-
-
 def run(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsram=None, intsram=None, vram=None,
         hbm_size: int | None = None, max_steps: int | None = None, executor: str = "auto",
         progress=None, fast_options: dict | None = None) -> RunResult:
@@ -274,7 +259,7 @@ def run(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsram=None, intsr
     t1 = time.perf_counter()
     needs_interpreter = ex is None or any(isinstance(s, fast.Interp) for s in ex.steps)
     # executor="fast": the interpreter it needs holds only the opcodes it will meet
-    opcodes = _cold_opcodes(prog, ex) if executor == "fast" or ex is not None else interpreter_opcodes(prog)
+    opcodes = _cold_opcodes(prog, ex) if executor == "fast" or ex is not None else None
     compiled = compiled_interpreter(geo, fields, st, n, limit, opcodes) if needs_interpreter else None
     t2 = time.perf_counter()
     if ex is None:

@@ -299,8 +299,7 @@ def run_with_progress(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsr
     if progress is not None:
         progress(0, total)
     t1 = time.perf_counter()
-    compiled = api.compiled_interpreter(p.geo, p.fields, p.state, p.n_instr, p.limit,  # the one api.run uses
-                                        api.interpreter_opcodes(p.prog))
+    compiled = api.compiled_interpreter(p.geo, p.fields, p.state, p.n_instr, p.limit)  # the one api.run uses
     t2 = time.perf_counter()
     first_chunk = max(1, int(first_chunk))
     st, chunk, n = p.state, first_chunk, len(p.prog)
