@@ -152,3 +152,27 @@ def test_isa_doc_is_generated_from_the_table():
         assert f"| 0x{op.code:02X} | {op.mnemonic} |" in text
     committed = Path(__file__).resolve().parents[1] / "docs" / "isa.md"
     assert committed.read_text() == text + "\n", "docs/isa.md is stale: regenerate with `plena isa-doc`"
+
+
+def test_cli_asm_and_disasm(tmp_path, capsys):
+    """``plena asm IN.asm -o OUT.mem`` writes one 0x%08X word per line; ``plena disasm`` prints
+    text that reassembles to the same words; an assembly error names the file and line and
+    exits 1."""
+    from plena.cli import main
+
+    src = tmp_path / "p.asm"
+    src.write_text("; demo\nS_ADDI_INT gp1, gp0, 5   // five\nC_LOOP_START gp2, 3\nV_ADD_VV gp3, gp1, gp1, 0\n"
+                   "C_LOOP_END gp2\n")
+    out = tmp_path / "p.mem"
+    assert main(["asm", str(src), "-o", str(out)]) == 0
+    lines = out.read_text().split()
+    assert lines == [f"0x{w:08X}" for w in assemble(src.read_text())] and len(lines) == 4
+    capsys.readouterr()
+    assert main(["disasm", str(out)]) == 0
+    assert assemble(capsys.readouterr().out) == read_mem(out)
+    bad = tmp_path / "bad.asm"
+    bad.write_text("S_ADDI_INT gp1, gp0, 5\nS_FROB gp1\n")
+    assert main(["asm", str(bad), "-o", str(tmp_path / "bad.mem")]) == 1
+    err = capsys.readouterr().err
+    assert "bad.asm:line 2: unknown mnemonic 'S_FROB'" in err
+    assert not (tmp_path / "bad.mem").exists()
