@@ -262,7 +262,7 @@ def run(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsram=None, intsr
     opcodes = _cold_opcodes(prog, ex) if executor == "fast" or ex is not None else None
     compiled = compiled_interpreter(geo, fields, st, n, limit, opcodes) if needs_interpreter else None
     if ex is not None and ex.blocks_compiled:
-        fast.release_heap()  # after this run's compiles (see fast.release_heap)
+        fast.release_heap()  # again after the interpreter's compile (prepare trims after the blocks')
     t2 = time.perf_counter()
     if ex is None:
         final = compiled(fields, st, n, limit)

@@ -143,9 +143,7 @@ def run_batch(program, cfg: PlenaConfig | None = None, *, hbm: Sequence, fpsram:
                 raise BatchDivergence("the program's control flow depends on tensor data; run the input "
                                       "sets separately") from exc
             raise
-    opcodes = set(int(c) for c in _cold_opcodes(prog, ex))
-    branches = tuple(fn if fn is BATCH_BRANCHES[i] else BATCH_BRANCHES[dispatch.INVALID]
-                     for i, fn in enumerate(dispatch.branches_for(sorted(opcodes))))
+    branches = dispatch.branches_for(_cold_opcodes(prog, ex))  # never V_TOPK (rejected above)
     key = ("batch", geo, size, None if devices is None else tuple(devices), branches)
     compiled = _COMPILED.get(key)
     if compiled is None and (ex is None or any(isinstance(s, fast.Interp) for s in ex.steps)):
