@@ -250,3 +250,27 @@ def test_opcode_subset_interpreter():
         dispatch.BRANCH_OF[BY_MNEMONIC["S_MUL_INT"].code]]
     assert branches[dispatch.BRANCH_OF[BY_MNEMONIC["V_ADD_VV"].code]] is dispatch.BRANCHES[dispatch.INVALID]
     assert sum(b is not dispatch.BRANCHES[dispatch.INVALID] for b in branches) == len(set(p.opcode)) + 1  # + SKIP
+
+
+@pytest.mark.parametrize("name", sorted(fast.REGISTER_ONLY))
+def test_register_only_opcodes_read_no_memory(name):
+    """The fast executor puts no barrier after these opcodes, which is safe only because they
+    touch no memory: their function must run with every memory (and accumulator) absent."""
+    import jax.numpy as jnp
+
+    from plena.emu_jax import dispatch
+    from plena.emu_jax.effects import Fields
+    from plena.emu_jax.state import init_state
+    from plena.isa.opcodes import BY_MNEMONIC
+
+    p = api.load_program(prog(li(1, 0)))
+    geo = api.geometry_for(p, CFG, plan_program(p, CFG), hbm_len=0, vram_len=0, hbm_capacity=1 << 20)
+    st = init_state(geo, hbm_capacity=1 << 20)
+    bare = st._replace(vram=None, mram=None, hbm=None, fpsram=None, intsram=None, hm_acc=None, hv_acc=None)
+    i32 = jnp.int32
+    f = Fields(opcode=i32(BY_MNEMONIC[name].code), rd=i32(1), rs1=i32(2), rs2=i32(3), rs3=i32(0), funct1=i32(0),
+               imm18=i32(5), imm22=i32(5))
+    eff = dispatch.IMPLEMENTATIONS[name](geo, bare, f)
+    assert int(eff.err) == 0
+    with pytest.raises((TypeError, AttributeError)):  # the same call reaching a memory fails this way
+        dispatch.IMPLEMENTATIONS["S_LD_FP"](geo, bare, f)
