@@ -255,14 +255,16 @@ def run(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsram=None, intsr
     fields, n, limit = program_fields(prog, geo), jnp.int32(len(prog)), step_limit(max_steps)
     ex = None
     if use_fast(executor, plan, max_steps):
-        ex = fast.prepare(prog, geo, st, **(fast_options or {}))
+        # the interpreter for the cold code holds only the opcodes it will meet, and compiles
+        # beside the blocks
+        ex = fast.prepare(prog, geo, st, interpreter=lambda ops: compiled_interpreter(geo, fields, st, n, limit, ops),
+                          **(fast_options or {}))
     t1 = time.perf_counter()
-    needs_interpreter = ex is None or any(isinstance(s, fast.Interp) for s in ex.steps)
-    # executor="fast": the interpreter it needs holds only the opcodes it will meet
-    opcodes = _cold_opcodes(prog, ex) if executor == "fast" or ex is not None else None
-    compiled = compiled_interpreter(geo, fields, st, n, limit, opcodes) if needs_interpreter else None
-    if ex is not None and ex.blocks_compiled:
-        fast.release_heap()  # again after the interpreter's compile (prepare trims after the blocks')
+    if ex is None:
+        opcodes = _cold_opcodes(prog, ex) if executor == "fast" else None
+        compiled = compiled_interpreter(geo, fields, st, n, limit, opcodes)
+    else:
+        compiled = ex.interpreter
     t2 = time.perf_counter()
     if ex is None:
         final = compiled(fields, st, n, limit)

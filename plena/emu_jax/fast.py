@@ -385,6 +385,7 @@ class Executable:
     compiled: dict  # block signature -> compiled function
     compile_s: float
     blocks_compiled: int  # blocks compiled now (not found in this process's cache)
+    interpreter: object = None  # prepare(interpreter=...)'s result (None: not asked or no cold code)
 
 
 _BLOCKS: dict = {}  # (geometry, block signature) -> compiled block
@@ -398,9 +399,12 @@ def run_compiled_batched(geo: Geometry, sigs: tuple, ops, st: MachineState, axes
 
 
 def prepare(prog: DecodedProgram, geo: Geometry, example_state: MachineState, *, batch_axes=None,
-            **kw) -> Executable | None:
+            interpreter=None, **kw) -> Executable | None:
     """Parse, fold, schedule and compile a well-formed program (None: not well-formed).
-    ``batch_axes``: compile the blocks for a batched state (see :mod:`plena.emu_jax.batch`)."""
+    ``batch_axes``: compile the blocks for a batched state (see :mod:`plena.emu_jax.batch`).
+    ``interpreter(opcodes)``: compiles the interpreter for the cold code's opcodes; it runs
+    in the same thread pool as the blocks (its compile overlaps theirs) and the result is
+    :attr:`Executable.interpreter`."""
     import time
 
     try:
@@ -418,8 +422,15 @@ def prepare(prog: DecodedProgram, geo: Geometry, example_state: MachineState, *,
         if isinstance(step, Block) and (geo, step.sig, batch) not in _BLOCKS and step.sig not in todo:
             todo[step.sig] = step.operands.shape
 
+    cold = [s for s in steps if isinstance(s, Interp)]
+    jobs: list = list(todo.items())
+    if interpreter is not None and cold:
+        jobs.insert(0, ("interpreter", np.unique(np.concatenate([np.asarray(prog.opcode[s.lo:s.hi]) for s in cold]))))
+
     def build(item):
         sig, shape = item
+        if sig == "interpreter":
+            return sig, interpreter(shape)
         ops = jax.ShapeDtypeStruct(shape, jnp.int32)
         if batch_axes is None:
             lowered = run_compiled.lower(geo, sig, ops, abstract)
@@ -428,17 +439,22 @@ def prepare(prog: DecodedProgram, geo: Geometry, example_state: MachineState, *,
         return sig, lowered.compile(COMPILER_OPTIONS)
 
     # XLA compiles outside the GIL: blocks compile in parallel
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1))) as pool:
-        for sig, fn in pool.map(build, todo.items()):
-            _BLOCKS[(geo, sig, batch)] = fn
+    cold_fn = None
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        for sig, fn in pool.map(build, jobs):
+            if sig == "interpreter":
+                cold_fn = fn
+            else:
+                _BLOCKS[(geo, sig, batch)] = fn
     compiled = {s.sig: _BLOCKS[(geo, s.sig, batch)] for s in steps if isinstance(s, Block)}
     if todo:  # the traced blocks (jaxprs) are not needed once compiled
         (run_compiled if batch_axes is None else run_compiled_batched).clear_cache()
+    if todo or cold_fn is not None:
         release_heap()
     fresh = len(todo)
     steps = [dataclasses.replace(s, operands=jnp.asarray(s.operands)) if isinstance(s, Block)
              else dataclasses.replace(s, hi=jnp.int32(s.hi)) for s in steps]
-    return Executable(geo, steps, compiled, time.perf_counter() - t0, fresh)
+    return Executable(geo, steps, compiled, time.perf_counter() - t0, fresh, cold_fn)
 
 
 def execute(ex: Executable, interpreter, fields, st: MachineState, *, progress=None, total=None,
