@@ -254,12 +254,16 @@ def run(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsram=None, intsr
                     vram=inp.vram)
     fields, n, limit = program_fields(prog, geo), jnp.int32(len(prog)), step_limit(max_steps)
     ex = None
-    if use_fast(executor, plan, max_steps):
+
+    def prepare_fast(state, **extra):
         # the interpreter for the cold code holds only the opcodes it will meet, and compiles
         # beside the blocks
-        ex = fast.prepare(prog, geo, st, interpreter=lambda ops: compiled_interpreter(geo, fields, st, n, limit, ops),
-                          **(fast_options or {}))
-    t1 = time.perf_counter()
+        return fast.prepare(prog, geo, state, interpreter=lambda ops: compiled_interpreter(geo, fields, state, n, limit, ops),
+                            **{**(fast_options or {}), **extra})
+
+    if use_fast(executor, plan, max_steps):
+        ex = prepare_fast(st)
+    t1 = time.perf_counter() - (ex.compile_s if ex is not None else 0.0)  # blocks: compile time, not load
     if ex is None:
         opcodes = _cold_opcodes(prog, ex) if executor == "fast" else None
         compiled = compiled_interpreter(geo, fields, st, n, limit, opcodes)
@@ -270,11 +274,15 @@ def run(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsram=None, intsr
         final = compiled(fields, st, n, limit)
     else:
         final = fast.execute(ex, compiled, fields, st, progress=progress, total=plan.dynamic_instructions)
+        if int(final.err) == Err.LANE_CONFLICT:  # a loop's iterations were dependent: redo it plainly
+            st = init_state(geo, hbm_capacity=inp.capacity, hbm=inp.hbm, fpsram=inp.fpsram, intsram=inp.intsram,
+                            vram=inp.vram)
+            ex = prepare_fast(st, lanes=False)
+            final = fast.execute(ex, ex.interpreter, fields, st, progress=progress, total=plan.dynamic_instructions)
     jax.block_until_ready(final)
     t3 = time.perf_counter()
     if ex is not None:
         final = fast.finish_state(final, plan, len(prog))
-        t1 -= ex.compile_s  # block compilation is compile time, not load time
     opcode_counts, cycles = finish(prog, final, cfg)
     return RunResult(
         cfg=cfg, geometry=geo, state=final, plan=plan, instructions=int(final.steps),

@@ -59,6 +59,7 @@ class Err(enum.IntEnum):
     WINDOW = 23  # internal: the emulated memory window was sized too small
     LOOP_STACK = 24  # internal: loop stack deeper than planned
     BATCH_CONFIG = 25
+    LANE_CONFLICT = 26  # internal: a loop run as lanes had dependent iterations (the run is redone)
 
 
 RULES: dict[Err, str] = {
@@ -87,6 +88,7 @@ RULES: dict[Err, str] = {
     Err.WINDOW: "access beyond the emulated memory window (internal sizing error; please report)",
     Err.LOOP_STACK: "loop nesting deeper than the emulator planned (internal; please report)",
     Err.BATCH_CONFIG: "batched-head op needs BROADCAST_AMOUNT * HLEN == MLEN",
+    Err.LANE_CONFLICT: "a loop run as lanes had dependent iterations (internal; the run is redone without lanes)",
 }
 
 

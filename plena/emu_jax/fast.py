@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from plena.emu_jax import dispatch, structure
+from plena.emu_jax import dispatch, structure, vectorise
 from plena.numerics import ieee
 from plena.emu_jax.effects import Fields, no_effect
 from plena.emu_jax.errors import Err
@@ -172,7 +172,7 @@ def operand_count(sig) -> int:
         return 1
     if kind == "L":
         return 3 + sum(operand_count(s) for s in sig[2])
-    if kind == "LV":
+    if kind in ("LV", "VL"):
         return 3 + sum(operand_count(s) for s in sig[3])
     return sig[1] * sum(operand_count(s) for s in sig[2])
 
@@ -196,6 +196,8 @@ def _item(geo: Geometry, sig, ops, st: MachineState) -> MachineState:
         return st._replace(pc=ops[0])
     if kind == "LV":
         return _tile_loop(geo, sig, ops, st)
+    if kind == "VL":  # iterations at once (a conflict between them makes the caller redo the run)
+        return vectorise.run_loop(geo, sig, ops, st)
     body = sig[2]
     if kind == "L":
         reg, count, body_ops = sig[1], ops[1], ops[3:]
@@ -280,6 +282,11 @@ class Block:
     operands: np.ndarray
     size: int  # instructions emitted
     dyn: int = 0  # dynamic instructions
+
+
+def _has_kind(sig, kind: str) -> bool:
+    """Whether a signature tree holds an item of this kind ("L", "LV", "VL", ...)."""
+    return isinstance(sig, tuple) and (sig[:1] == (kind,) or any(_has_kind(s, kind) for s in sig))
 
 
 def _size(it) -> int:
@@ -399,16 +406,17 @@ def run_compiled_batched(geo: Geometry, sigs: tuple, ops, st: MachineState, axes
 
 
 def prepare(prog: DecodedProgram, geo: Geometry, example_state: MachineState, *, batch_axes=None,
-            interpreter=None, **kw) -> Executable | None:
+            interpreter=None, lanes: bool = True, **kw) -> Executable | None:
     """Parse, fold, schedule and compile a well-formed program (None: not well-formed).
     ``batch_axes``: compile the blocks for a batched state (see :mod:`plena.emu_jax.batch`).
     ``interpreter(opcodes)``: compiles the interpreter for the cold code's opcodes; it runs
     in the same thread pool as the blocks (its compile overlaps theirs) and the result is
-    :attr:`Executable.interpreter`."""
+    :attr:`Executable.interpreter`. ``lanes``: run independent loops as lanes
+    (:mod:`plena.emu_jax.vectorise`); a run that reports LANE_CONFLICT is redone with False."""
     import time
 
     try:
-        items, sigs = structure.parse(prog)
+        items, sigs = structure.parse(prog, lanes=lanes)
     except structure.Malformed:
         return None
     items = structure.reroll(items, sigs)

@@ -46,9 +46,16 @@ def tile_loop(reg: int, body_keys: tuple) -> bool:
     return all(k[0] == "I" and k[1] == ADDI and k[2] == k[3] and k[2] != reg for k in body_keys[1:])
 
 
-def loop_key(reg: int, count: int, body_keys: tuple) -> tuple:
+def loop_key(reg: int, count: int, body_keys: tuple, lanes: bool = True) -> tuple:
+    """A loop's signature: ("LV", ...) for a K-chunk product loop, ("VL", ...) for a loop that
+    may run as lanes (:mod:`plena.emu_jax.vectorise`; only when ``lanes``), else ("L", ...).
+    The first two hold the trip count (their code depends on it)."""
     if tile_loop(reg, body_keys):
         return ("LV", reg, count, body_keys)
+    from plena.emu_jax import vectorise
+
+    if lanes and count >= vectorise.MIN_COUNT and vectorise.eligible(reg, body_keys, count):
+        return ("VL", reg, count, body_keys)
     return ("L", reg, body_keys)
 
 
@@ -84,9 +91,10 @@ Item = Union[Instr, Loop, Repeat]
 class Signatures:
     """Interns item signatures (nested tuples) to small integers."""
 
-    def __init__(self):
+    def __init__(self, lanes: bool = True):
         self.ids: dict = {}
         self.keys: list = []
+        self.lanes = lanes  # loops may run as lanes ("VL" signatures)
 
     def __call__(self, key) -> int:
         i = self.ids.get(key)
@@ -115,9 +123,10 @@ class Malformed(Exception):
     """The program is outside the well-formed subset (see the module docstring)."""
 
 
-def parse(prog: DecodedProgram, sigs: Signatures | None = None) -> tuple[list, Signatures]:
-    """The loop tree of a well-formed program; raises :class:`Malformed` otherwise."""
-    sigs = sigs or Signatures()
+def parse(prog: DecodedProgram, sigs: Signatures | None = None, *, lanes: bool = True) -> tuple[list, Signatures]:
+    """The loop tree of a well-formed program; raises :class:`Malformed` otherwise.
+    ``lanes``: whether loops may get "VL" signatures (see :func:`loop_key`)."""
+    sigs = sigs or Signatures(lanes)
     ops, rds, imm22 = prog.opcode.tolist(), prog.rd.tolist(), prog.imm22.tolist()
     stack: list = [(None, [])]  # (open loop: (start, reg), items)
     for pc, op in enumerate(ops):
@@ -134,7 +143,7 @@ def parse(prog: DecodedProgram, sigs: Signatures | None = None) -> tuple[list, S
             if any(_writes_gp(prog, it, reg) for it in body):
                 raise Malformed(f"pc {start}: loop body writes its counter gp{reg}")
             body = tuple(body)
-            sig = sigs(loop_key(reg, imm22[start], tuple(sigs.keys[it.sig] for it in body)))
+            sig = sigs(loop_key(reg, imm22[start], tuple(sigs.keys[it.sig] for it in body), sigs.lanes))
             stack[-1][1].append(Loop(start, pc, reg, imm22[start], body, sig))
         elif op == BREAK:
             raise Malformed(f"pc {pc}: C_BREAK")
@@ -222,7 +231,7 @@ def reroll(items: list, sigs: Signatures, *, passes: int = 4) -> list:
 def _reroll_inside(item: Item, sigs: Signatures, passes: int) -> Item:
     if isinstance(item, Loop):
         body = tuple(reroll(list(item.body), sigs, passes=passes))
-        sig = sigs(loop_key(item.reg, item.count, tuple(sigs.keys[it.sig] for it in body)))
+        sig = sigs(loop_key(item.reg, item.count, tuple(sigs.keys[it.sig] for it in body), sigs.lanes))
         return dataclasses.replace(item, body=body, sig=sig)
     return item
 
@@ -254,5 +263,5 @@ def _sig_tree(item: Item, sigs: Signatures):
     if isinstance(item, Instr):
         return sigs.keys[item.sig]
     if isinstance(item, Loop):
-        return loop_key(item.reg, item.count, tuple(_sig_tree(it, sigs) for it in item.body))
+        return loop_key(item.reg, item.count, tuple(_sig_tree(it, sigs) for it in item.body), sigs.lanes)
     return ("R", item.times, tuple(_sig_tree(it, sigs) for it in item.body))

@@ -1,0 +1,141 @@
+"""Loops run as lanes (plena.emu_jax.vectorise): which loops qualify, and the fast executor's
+final state against the reference interpreter's, bit for bit, on loops whose iterations are
+independent (one array program) and on loops whose iterations conflict (read-after-write,
+write-after-write: the run-time check flags them and api.run redoes the run without lanes)."""
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from asm_helpers import li, prog
+from plena.emu_jax import api, structure
+from test_emu_fast import _inputs, assert_same, run_both
+
+PRELUDE = [li(1, 0), li(2, 64 * 16), li(3, 64 * 32), li(5, 0), li(6, 1 << 16), "C_SET_ADDR_REG a0, gp0, gp6",
+           li(7, 4096), "C_SET_SCALE_REG gp7", li(7, 64), "C_SET_STRIDE_REG gp7", "S_LD_FP f1, gp0, 1",
+           "S_LD_FP f2, gp0, 2", "H_PREFETCH_M gp5, gp0, a0, 1, 0"]
+
+
+def loop_kinds(src: list) -> list:
+    """The signature kinds ("L", "VL", "LV") of the program's loops, outermost first."""
+    items, sigs = structure.parse(api.load_program(prog(src)))
+    out = []
+
+    def walk(its):
+        for it in its:
+            if isinstance(it, structure.Loop):
+                out.append(sigs.keys[it.sig][0])
+                walk(it.body)
+
+    walk(items)
+    return out
+
+
+def loop(count: int, *body: str, reg: int = 9) -> list:
+    return [f"C_LOOP_START gp{reg}, {count}", *body, f"C_LOOP_END gp{reg}"]
+
+
+CASES = {
+    # independent rows: in-place chain per row, results to another row block
+    "rows": loop(8, "V_MUL_VF gp1, gp1, f1, 0", "V_EXP_V gp1, gp1, 0", "V_ADD_VV gp2, gp1, gp3, 0",
+                 "S_ADDI_INT gp1, gp1, 64", "S_ADDI_INT gp2, gp2, 64", "S_ADDI_INT gp3, gp3, 64"),
+    # iteration k reads the row iteration k - 1 wrote (a running sum): read-after-write
+    "running_sum": loop(8, "S_ADDI_INT gp4, gp2, 64", "V_ADD_VV gp4, gp2, gp1, 0", "S_ADDI_INT gp2, gp2, 64",
+                        "S_ADDI_INT gp1, gp1, 64"),
+    # every iteration writes the same row: write-after-write, the last one must win
+    "same_row": loop(6, "V_MUL_VF gp3, gp1, f1, 0", "S_ADDI_INT gp1, gp1, 64"),
+    # scalar temporaries per iteration, FP SRAM loads, reductions into a reset register
+    "scalars": loop(8, "S_LD_FP f3, gp5, 4", "S_ADD_FP f4, f0, f0", "V_RED_SUM f4, gp1", "S_MUL_FP f4, f4, f3",
+                    "V_MUL_VF gp2, gp1, f4, 0", "S_ADDI_INT gp1, gp1, 64", "S_ADDI_INT gp2, gp2, 64",
+                    "S_ADDI_INT gp5, gp5, 1"),
+    # output columns of one row block: M_MM_WO writes 4 columns of the same rows per iteration
+    "matrix_columns": loop(8, "M_MM 0, gp5, gp1", "M_MM_WO gp2, gp0, 0", "S_ADDI_INT gp2, gp2, 4",
+                           "S_ADDI_INT gp5, gp5, 4"),
+    # a K-chunk product loop inside the column loop (unrolled in every lane)
+    "k_chunks": loop(4, "S_ADDI_INT gp6, gp5, 0", "S_ADDI_INT gp7, gp1, 0",
+                     *loop(2, "M_MM 0, gp6, gp7", "S_ADDI_INT gp6, gp6, 64", "S_ADDI_INT gp7, gp7, 256", reg=10),
+                     "M_MM_WO gp2, gp0, 0", "S_ADDI_INT gp2, gp2, 4", "S_ADDI_INT gp5, gp5, 4"),
+    # only M_MM_WO in the body: iteration 0 writes the product made before the loop, the
+    # others the accumulator it cleared
+    "drain": ["M_MM 0, gp5, gp1", *loop(4, "M_MM_WO gp2, gp0, 0", "S_ADDI_INT gp2, gp2, 256")],
+    # the rows run out of VRAM in a late iteration: the interpreter's error and pc
+    "error_late": [li(1, 64 * 8185), *loop(8, "V_EXP_V gp1, gp1, 0", "S_ADDI_INT gp1, gp1, 64")],
+}
+
+
+#: the cases whose iterations depend on each other: their run is redone without lanes
+CONFLICTS = {"running_sum", "same_row"}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_loop_runs_as_lanes_identical_to_interpreter(name, monkeypatch):
+    from plena.emu_jax import fast
+
+    src = PRELUDE + CASES[name]
+    assert "VL" in loop_kinds(src), loop_kinds(src)
+    calls = []
+    real = fast.prepare
+    monkeypatch.setattr(fast, "prepare", lambda *a, **k: calls.append(k.get("lanes", True)) or real(*a, **k))
+    a, b = run_both(prog(src), fast_options=dict(hot=1), **_inputs(7))
+    assert_same(a, b)
+    assert calls == ([True, False] if name in CONFLICTS else [True])
+
+
+@pytest.mark.parametrize("body, why", [
+    (["V_RED_SUM f1, gp1", "V_MUL_VF gp2, gp1, f1, 0", "S_ADDI_INT gp1, gp1, 64"], "f1 carried across iterations"),
+    (["V_ADD_VV gp2, gp1, gp1, 0", "S_ADDI_INT gp1, gp2, 64"], "gp1 carried (not a self-increment)"),
+    (["V_EXP_V gp1, gp1, 0", "S_ST_FP f1, gp1, 0", "S_ADDI_INT gp1, gp1, 64"], "writes FP SRAM"),
+    (["M_MM 0, gp5, gp1", "V_EXP_V gp2, gp2, 0", "S_ADDI_INT gp1, gp1, 64"], "m_acc carried (no M_MM_WO)"),
+    (["S_ADDI_INT gp1, gp1, 64", "S_ADDI_INT gp2, gp2, 64"], "no row work"),
+])
+def test_loops_that_stay_sequential(body, why):
+    assert loop_kinds(PRELUDE + loop(8, *body)) == ["L"], why
+
+
+@st.composite
+def row_loops(draw):
+    """A loop of row ops whose address registers move by 0, 1 or 2 rows per iteration (so
+    iterations may overlap in any way), inside a plain outer loop."""
+    regs = (1, 2, 3, 4)
+    ops = []
+    for _ in range(draw(st.integers(1, 4))):
+        r = lambda: draw(st.sampled_from(regs))  # noqa: E731
+        ops.append(draw(st.sampled_from([
+            f"V_ADD_VV gp{r()}, gp{r()}, gp{r()}, 0", f"V_MUL_VF gp{r()}, gp{r()}, f1, 0",
+            f"V_EXP_V gp{r()}, gp{r()}, 0", f"V_SUB_VF gp{r()}, gp{r()}, f2, 0, 1"])))
+    steps = [f"S_ADDI_INT gp{g}, gp{g}, {64 * draw(st.integers(0, 2))}"
+             for g in draw(st.lists(st.sampled_from(regs), unique=True, min_size=1))]
+    inner = loop(draw(st.integers(2, 6)), *ops, *steps, reg=9)
+    return PRELUDE + [li(4, 64 * draw(st.integers(0, 40)))] + loop(2, *inner, reg=10)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(row_loops(), st.integers(0, 2**16))
+def test_random_row_loops_identical_to_interpreter(src, seed):
+    a, b = run_both(prog(src), fast_options=dict(hot=1), **_inputs(seed))
+    assert_same(a, b)
+
+
+def test_lanes_block_never_copies_a_whole_memory():
+    """The lanes, the conflict check, the scatter and the plain-loop fallback update VRAM in
+    place: the compiled block has no copy of VRAM, MRAM or HBM."""
+    import re
+
+    from plena.config import default_config
+    from plena.emu_jax import fast
+    from plena.emu_jax.plan import plan_program
+    from plena.emu_jax.state import init_state
+
+    cfg = default_config()
+    p = api.load_program(prog(PRELUDE + CASES["rows"] + CASES["matrix_columns"]))
+    geo = api.geometry_for(p, cfg, plan_program(p, cfg), hbm_len=0, vram_len=0, hbm_capacity=1 << 20)
+    ex = fast.prepare(p, geo, init_state(geo, hbm_capacity=1 << 20), hot=1)
+    sigs = [s.sig for s in ex.steps if isinstance(s, fast.Block)]
+    assert any(fast._has_kind(sig, "VL") for sig in sigs)
+    big = {f"u16[{geo.vram_rows + 1},{cfg.vlen}]", f"f32[{geo.mram_tiles + 1},{cfg.mlen},{cfg.mlen}]",
+           f"u8[{geo.hbm_bytes + geo.hbm_pad}]"}
+    for sig in sigs:
+        hlo = ex.compiled[sig].as_text()
+        copies = [ln for ln in hlo.splitlines()
+                  if re.search(r"\bcopy\(", ln) and any(b in ln.split("=")[1][:40] for b in big)]
+        assert not copies, copies[:3]
