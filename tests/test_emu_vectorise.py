@@ -42,8 +42,14 @@ CASES = {
     # iteration k reads the row iteration k - 1 wrote (a running sum): read-after-write
     "running_sum": loop(8, "S_ADDI_INT gp4, gp2, 64", "V_ADD_VV gp4, gp2, gp1, 0", "S_ADDI_INT gp2, gp2, 64",
                         "S_ADDI_INT gp1, gp1, 64"),
-    # every iteration writes the same row: write-after-write, the last one must win
+    # every iteration writes the same whole row: the last one must win
     "same_row": loop(6, "V_MUL_VF gp3, gp1, f1, 0", "S_ADDI_INT gp1, gp1, 64"),
+    # a scratch row written and then read by every iteration (as RMS norm code does)
+    "scratch_row": loop(8, "V_MUL_VV gp4, gp1, gp1, 0", "V_ADD_VV gp2, gp4, gp1, 0", "S_ADDI_INT gp1, gp1, 64",
+                        "S_ADDI_INT gp2, gp2, 64"),
+    # every iteration writes the same 4 columns of the same rows: write-after-write on part
+    # of a row
+    "same_columns": loop(4, "M_MM 0, gp5, gp1", "M_MM_WO gp2, gp0, 0", "S_ADDI_INT gp5, gp5, 4"),
     # scalar temporaries per iteration, FP SRAM loads, reductions into a reset register
     "scalars": loop(8, "S_LD_FP f3, gp5, 4", "S_ADD_FP f4, f0, f0", "V_RED_SUM f4, gp1", "S_MUL_FP f4, f4, f3",
                     "V_MUL_VF gp2, gp1, f4, 0", "S_ADDI_INT gp1, gp1, 64", "S_ADDI_INT gp2, gp2, 64",
@@ -64,7 +70,7 @@ CASES = {
 
 
 #: the cases whose iterations depend on each other: their run is redone without lanes
-CONFLICTS = {"running_sum", "same_row"}
+CONFLICTS = {"running_sum", "same_columns"}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -83,9 +83,11 @@ def _regs(key):
     _, op, rd, rs1, rs2, rs3, _f = key
     spec = OPCODES[op]
     fields = {"rd": rd, "rs1": rs1, "rs2": rs2, "rs3": rs3}
-    # every 4-bit field may name a gp register some path reads (conservative: a field that is
-    # really a flag only makes the rule stricter)
-    gp_r = {v for k, v in fields.items() if not (k == "rd" and op in GP_WRITERS)}
+    # a field names a gp register the op may read unless the table says it is an fp or
+    # address register or unused (flags count: M_MM_WO's rs1 flag field selects gp[rs1] as a
+    # stride; a flag that is not a register only makes the rule stricter)
+    gp_r = {v for k, v in fields.items() if getattr(spec, k) in (Role.GP, Role.FLAG)
+            and not (k == "rd" and op in GP_WRITERS)}
     gp_w = {rd} if op in GP_WRITERS else set()
     writes_fp = spec.fp_dest or op == LD_FP
     fp_r = {v for k, v in fields.items() if getattr(spec, k) is Role.FP and not (k == "rd" and writes_fp)}
@@ -164,18 +166,20 @@ class LaneMemory:
     def __init__(self, geo: Geometry, vram, mram):
         self.geo, self.vram, self.mram = geo, vram, mram
         self.writes: list = []  # (row i32, data [VLEN], mask bool[VLEN])
-        self.reads: list = []  # (first row u32, n)
+        self.reads: list = []  # (row i32[n], own bool[n]): rows read; own = whole row written before by this iteration
         self.recording = True
 
     def vram_rows(self, row, n):
         row = jnp.asarray(row, U32)
-        if self.recording:
-            self.reads.append((row, n))
         data = memory.rows_window(self.vram, row, n, self.geo.vram_rows)
         rows = row.astype(I32) + jnp.arange(n, dtype=I32)
-        for w_row, w_data, _ in self.writes:
+        own = jnp.zeros(n, bool)
+        for w_row, w_data, w_mask in self.writes:
             hit = (rows == w_row) & (w_row < self.geo.vram_rows)
             data = jnp.where(hit[:, None], w_data[None], data)
+            own = own | (hit & jnp.all(w_mask))
+        if self.recording:
+            self.reads.append((rows, own))
         return data
 
     def tile_cols(self, tile, c0, width):
@@ -276,7 +280,10 @@ def _lane(geo: Geometry, reg: int, body: tuple, body_ops, count, st: MachineStat
         live.append((row < geo.vram_rows) & ~superseded)
     writes = (jnp.stack(rows), jnp.stack(data), jnp.stack(masks), jnp.stack(live))
     all_rows = jnp.stack([jnp.where(r < geo.vram_rows, r, -1) for r, _, _ in mem.writes])
-    reads = [(r, n) for r, n in mem.reads]
+    if mem.reads:
+        reads = (jnp.concatenate([r for r, _ in mem.reads]), jnp.concatenate([o for _, o in mem.reads]))
+    else:
+        reads = (jnp.zeros(0, I32), jnp.zeros(0, bool))
     return s, writes, all_rows, reads, err, err_pc
 
 
@@ -289,27 +296,28 @@ def run_loop(geo: Geometry, sig, ops, st: MachineState) -> MachineState:
     _, reg, count, body = sig
     body_ops = ops[3:]
     ks = jnp.arange(count, dtype=I32)
-    read_sizes: list = []
 
     def lane(k):
         s, writes, all_rows, reads, err, err_pc = _lane(geo, reg, body, body_ops, jnp.int32(count), st, k)
-        read_sizes[:] = [n for _, n in reads]
-        lo = jnp.stack([r for r, _ in reads]).astype(I32) if reads else jnp.zeros((0,), I32)
-        return (s.gp, s.fp, s.m_acc), writes, all_rows, lo, err, err_pc
+        return (s.gp, s.fp, s.m_acc), writes, all_rows, reads, err, err_pc
 
-    (gp, fp, m_acc), (w_row, w_data, w_mask, w_live), all_rows, r_lo, errs, err_pcs = jax.vmap(lane)(ks)
-    # read-after-write: iteration k reads a row that an iteration j < k wrote
-    n = jnp.asarray(read_sizes, I32).reshape(1, 1, -1, 1)
+    (gp, fp, m_acc), (w_row, w_data, w_mask, w_live), all_rows, (r_row, r_own), errs, err_pcs = jax.vmap(lane)(ks)
+    # read-after-write: iteration k reads a row that an iteration j < k wrote (a row iteration
+    # k itself wrote whole before reading it, e.g. a scratch row, does not count)
     w = all_rows[None, :, None, :]  # [-, j, -, write]
-    lo = r_lo[:, None, :, None]  # [k, -, read, -]
+    r = r_row[:, None, :, None]  # [k, -, read, -]
     earlier = (ks[None, :] < ks[:, None])[:, :, None, None]
-    raw = jnp.any(earlier & (w >= 0) & (w >= lo) & (w < lo + n))
-    # write-after-write: two iterations write one element (column spans, conservatively)
+    raw = jnp.any(earlier & (w >= 0) & (w == r) & ~r_own[:, None, :, None])
+    # write-after-write: a write is superseded when a later iteration writes its whole row;
+    # two live writes of one element (column spans, conservatively) are a conflict
     vlen = geo.cfg.vlen
-    c_lo = jnp.argmax(w_mask, axis=-1)
-    c_hi = vlen - jnp.argmax(w_mask[..., ::-1], axis=-1)
     a = (slice(None), slice(None), None, None)
     b = (None, None, slice(None), slice(None))
+    same = w_live[a] & w_live[b] & (w_row[a] == w_row[b])
+    later_whole = same & (ks[None, None, :, None] > ks[:, None, None, None]) & jnp.all(w_mask, -1)[b]
+    w_live = w_live & ~jnp.any(later_whole, axis=(2, 3))
+    c_lo = jnp.argmax(w_mask, axis=-1)
+    c_hi = vlen - jnp.argmax(w_mask[..., ::-1], axis=-1)
     other = (ks[:, None, None, None] != ks[None, None, :, None])
     waw = jnp.any(other & w_live[a] & w_live[b] & (w_row[a] == w_row[b]) & (c_lo[a] < c_hi[b]) & (c_lo[b] < c_hi[a]))
 
