@@ -438,13 +438,17 @@ def prepare(prog: DecodedProgram, geo: Geometry, example_state: MachineState, *,
     def build(item):
         sig, shape = item
         if sig == "interpreter":
-            return sig, interpreter(shape)
+            fn = interpreter(shape)
+            release_heap()
+            return sig, fn
         ops = jax.ShapeDtypeStruct(shape, jnp.int32)
         if batch_axes is None:
             lowered = run_compiled.lower(geo, sig, ops, abstract)
         else:
             lowered = run_compiled_batched.lower(geo, sig, ops, abstract, batch_axes)
-        return sig, lowered.compile(COMPILER_OPTIONS)
+        fn = lowered.compile(COMPILER_OPTIONS)
+        release_heap()  # after each compile: XLA's freed memory would otherwise pile up (peak RSS)
+        return sig, fn
 
     # XLA compiles outside the GIL: blocks compile in parallel
     cold_fn = None
