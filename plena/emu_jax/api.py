@@ -275,6 +275,7 @@ def run(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsram=None, intsr
     else:
         final = fast.execute(ex, compiled, fields, st, progress=progress, total=plan.dynamic_instructions)
         if int(final.err) == Err.LANE_CONFLICT:  # a loop's iterations were dependent: redo it plainly
+            # (the redo, its block compiles included, counts as run time)
             st = init_state(geo, hbm_capacity=inp.capacity, hbm=inp.hbm, fpsram=inp.fpsram, intsram=inp.intsram,
                             vram=inp.vram)
             ex = prepare_fast(st, lanes=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 
 from plena.emu_jax.state import SRAM_WORDS, TOPK_MAX, Geometry, MachineState
 
@@ -25,6 +26,15 @@ class Fields(NamedTuple):
     funct1: jnp.ndarray
     imm18: jnp.ndarray
     imm22: jnp.ndarray
+
+    @classmethod
+    def of_key(cls, key: tuple, imm18, imm22) -> "Fields":
+        """Fields of a signature key ("I", opcode, rd, rs1, rs2, rs3, funct1) (constants) with
+        run-time immediates (the fast executor's form, :mod:`plena.emu_jax.structure`)."""
+        _, op, rd, rs1, rs2, rs3, funct1 = key
+        i32 = np.int32
+        return cls(opcode=i32(op), rd=i32(rd), rs1=i32(rs1), rs2=i32(rs2), rs3=i32(rs3), funct1=i32(funct1),
+                   imm18=imm18, imm22=imm22)
 
 
 class Effect(NamedTuple):

@@ -140,9 +140,7 @@ def _instr(geo: Geometry, key: tuple, o, st: MachineState) -> MachineState:
     if dispatch.FP_DEST[op] and rd == 0:  # a no-op (spec §2.1), counted by the plan
         return st
     fn = dispatch.IMPLEMENTATIONS[spec.mnemonic]
-    i32 = np.int32
-    f = Fields(opcode=i32(op), rd=i32(rd), rs1=i32(rs1), rs2=i32(rs2), rs3=i32(rs3), funct1=i32(funct1),
-               imm18=o[1], imm22=o[2])
+    f = Fields.of_key(key, o[1], o[2])
     nsub = int(dispatch.micro_steps(geo.cfg)[op])
 
     def micro(sub, s):
@@ -222,12 +220,8 @@ def _tile_loop(geo: Geometry, sig, ops, st: MachineState) -> MachineState:
     mm, incs = body[0], body[1:]
     body_ops = ops[3:]
     pc = body_ops[0]
-    _, op, rd, rs1, rs2, rs3, funct1 = mm
-    spec = OPCODES[op]
-    fn = dispatch.IMPLEMENTATIONS[spec.mnemonic]
-    i32 = np.int32
-    f = Fields(opcode=i32(op), rd=i32(rd), rs1=i32(rs1), rs2=i32(rs2), rs3=i32(rs3), funct1=i32(funct1),
-               imm18=body_ops[1], imm22=body_ops[2])
+    fn = dispatch.IMPLEMENTATIONS[OPCODES[mm[1]].mnemonic]
+    f = Fields.of_key(mm, body_ops[1], body_ops[2])
     step = jnp.zeros(16, jnp.uint32)
     for j, key in enumerate(incs):  # per-iteration register increments
         step = step.at[key[2]].add(body_ops[3 * (j + 1) + 1].astype(jnp.uint32))
@@ -282,11 +276,6 @@ class Block:
     operands: np.ndarray
     size: int  # instructions emitted
     dyn: int = 0  # dynamic instructions
-
-
-def _has_kind(sig, kind: str) -> bool:
-    """Whether a signature tree holds an item of this kind ("L", "LV", "VL", ...)."""
-    return isinstance(sig, tuple) and (sig[:1] == (kind,) or any(_has_kind(s, kind) for s in sig))
 
 
 def _size(it) -> int:
@@ -461,7 +450,6 @@ def prepare(prog: DecodedProgram, geo: Geometry, example_state: MachineState, *,
     compiled = {s.sig: _BLOCKS[(geo, s.sig, batch)] for s in steps if isinstance(s, Block)}
     if todo:  # the traced blocks (jaxprs) are not needed once compiled
         (run_compiled if batch_axes is None else run_compiled_batched).clear_cache()
-    if todo or cold_fn is not None:
         release_heap()
     fresh = len(todo)
     steps = [dataclasses.replace(s, operands=jnp.asarray(s.operands)) if isinstance(s, Block)

@@ -12,10 +12,10 @@ runs them all at once:
    iteration itself wrote earlier and records every row it reads.
 2. **check** (at run time, the addresses are data): a read of iteration k that meets a row
    written by an iteration j < k, or two iterations writing one element, is a *conflict*.
-3. **commit**: without a conflict the written elements are scattered into VRAM in one
-   operation, and the registers are those of the last iteration; with one, the loop runs
-   iteration by iteration as before (``lax.cond``). Either way the result is the sequential
-   loop's, bit for bit.
+3. **commit**: the written elements are scattered into VRAM in one operation, and the
+   registers are those of the last iteration. A conflict is recorded as the internal error
+   LANE_CONFLICT, and :func:`plena.emu_jax.api.run` redoes the run without lanes, so the
+   final state is the sequential loop's, bit for bit, either way.
 
 Which loops qualify is decided statically from the body's signature (:func:`eligible`): only
 the opcodes in :data:`LANE_OPS`; every register the body writes is either an *induction*
@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from plena.emu_jax import dispatch, memory
+from plena.emu_jax import dispatch, memory, structure
 from plena.emu_jax.effects import Fields
 from plena.emu_jax.errors import Err
 from plena.emu_jax.state import Geometry, MachineState
@@ -47,10 +46,11 @@ ELEMENTWISE = ("V_ADD_VV", "V_ADD_VF", "V_SUB_VV", "V_SUB_VF", "V_MUL_VV", "V_MU
 LANE_OPS = frozenset(_OP[m] for m in ELEMENTWISE + (
     "V_RED_SUM", "V_RED_MAX", "M_MM", "M_TMM", "M_MM_WO", "S_ADD_INT", "S_ADDI_INT", "S_SUB_INT", "S_MUL_INT",
     "S_LUI_INT", "S_ADD_FP", "S_SUB_FP", "S_MAX_FP", "S_MUL_FP", "S_EXP_FP", "S_RECI_FP", "S_SQRT_FP", "S_LD_FP"))
-GP_WRITERS = frozenset(_OP[m] for m in ("S_ADD_INT", "S_ADDI_INT", "S_SUB_INT", "S_MUL_INT", "S_LUI_INT"))
+#: opcodes that do the row or tile work a loop is worth running as lanes for
+ROW_WORK = frozenset(_OP[m] for m in ELEMENTWISE + ("V_RED_SUM", "V_RED_MAX", "M_MM", "M_TMM", "M_MM_WO"))
 FP_RD_READ = frozenset(_OP[m] for m in ("V_RED_SUM", "V_RED_MAX"))  # fp[rd] accumulates
-PRODUCTS = frozenset(_OP[m] for m in ("M_MM", "M_TMM"))
-MM_WO, ADDI, LD_FP = _OP["M_MM_WO"], _OP["S_ADDI_INT"], _OP["S_LD_FP"]
+PRODUCTS = frozenset((structure.MM, structure.TMM))
+MM_WO, LD_FP = _OP["M_MM_WO"], _OP["S_LD_FP"]
 MIN_COUNT = 2  #: fewer iterations gain nothing
 MAX_CHECK = 1 << 22  #: bound on count^2 x (body instructions)^2, the size of the conflict check
 MAX_LANE_INSTRUCTIONS = 96  #: instructions one lane emits (LV bodies unrolled)
@@ -77,9 +77,9 @@ def _flat(body: tuple):
 
 
 def _regs(key):
-    """(gp read, gp written, fp read, fp written, reads m_acc, writes m_acc) of one key."""
+    """(gp read, gp written, fp read, fp written) of one key."""
     if key[0] == "C":
-        return set(), {key[1]}, set(), set(), False, False
+        return set(), {key[1]}, set(), set()
     _, op, rd, rs1, rs2, rs3, _f = key
     spec = OPCODES[op]
     fields = {"rd": rd, "rs1": rs1, "rs2": rs2, "rs3": rs3}
@@ -87,16 +87,14 @@ def _regs(key):
     # address register or unused (flags count: M_MM_WO's rs1 flag field selects gp[rs1] as a
     # stride; a flag that is not a register only makes the rule stricter)
     gp_r = {v for k, v in fields.items() if getattr(spec, k) in (Role.GP, Role.FLAG)
-            and not (k == "rd" and op in GP_WRITERS)}
-    gp_w = {rd} if op in GP_WRITERS else set()
+            and not (k == "rd" and op in structure.GP_WRITERS)}
+    gp_w = {rd} if op in structure.GP_WRITERS else set()
     writes_fp = spec.fp_dest or op == LD_FP
     fp_r = {v for k, v in fields.items() if getattr(spec, k) is Role.FP and not (k == "rd" and writes_fp)}
     fp_w = {rd} if writes_fp else set()
     if op in FP_RD_READ:
         fp_r.add(rd)
-    acc_r = op in PRODUCTS or op == MM_WO
-    acc_w = acc_r
-    return gp_r, gp_w, fp_r, fp_w, acc_r, acc_w
+    return gp_r, gp_w, fp_r, fp_w
 
 
 def eligible(reg: int, body: tuple, count: int) -> bool:
@@ -107,12 +105,9 @@ def eligible(reg: int, body: tuple, count: int) -> bool:
     keys = [k for k in flat if k[0] == "I"]
     if any(k[1] not in LANE_OPS for k in keys):
         return False
-    if not any(OPCODES[k[1]].mnemonic in ELEMENTWISE + ("V_RED_SUM", "V_RED_MAX", "M_MM", "M_TMM", "M_MM_WO")
-               for k in keys):
+    if not any(k[1] in ROW_WORK for k in keys):
         return False  # nothing but scalar work: leave it to the plain loop
     ind = induction_registers(reg, body)
-    if ind is None:
-        return False
     gp_def, fp_def = set(), set()
     written_gp = set().union(*(_regs(k)[1] for k in flat))
     written_fp = set().union(*(_regs(k)[3] for k in flat))
@@ -122,8 +117,8 @@ def eligible(reg: int, body: tuple, count: int) -> bool:
     if last_product >= 0:  # m_acc must be cleared after the last product of every iteration
         if not any(k[0] == "I" and k[1] == MM_WO for k in flat[last_product + 1:]):
             return False
-    for i, k in enumerate(flat):
-        gr, gw, fr, fw, _, _ = _regs(k)
+    for k in flat:
+        gr, gw, fr, fw = _regs(k)
         for r in gr:
             if r in written_gp and r not in gp_def and r not in ind:
                 return False
@@ -135,11 +130,10 @@ def eligible(reg: int, body: tuple, count: int) -> bool:
     return True
 
 
-def induction_registers(reg: int, body: tuple) -> dict | None:
+def induction_registers(reg: int, body: tuple) -> dict:
     """{gp register: index of its S_ADDI_INT self-increment in ``body``} for the registers the
-    body writes exactly once, at top level, by ``gX = gX + imm`` and reads before that (the
-    value then moves by imm per iteration); None when such a register is also written
-    elsewhere."""
+    body writes exactly once, at top level, by ``gX = gX + imm`` (the value then moves by imm
+    per iteration)."""
     flat = _flat(body) or []
     writes: dict[int, int] = {}
     for k in flat:
@@ -148,7 +142,7 @@ def induction_registers(reg: int, body: tuple) -> dict | None:
     out = {}
     defined = set()
     for j, key in enumerate(body):
-        if key[0] == "I" and key[1] == ADDI and key[2] == key[3] and writes.get(key[2]) == 1 and key[2] not in defined:
+        if key[0] == "I" and key[1] == structure.ADDI and key[2] == key[3] and writes.get(key[2]) == 1 and key[2] not in defined:
             out[key[2]] = j
         for k in _flat((key,)) or []:
             defined |= _regs(k)[1]
@@ -204,15 +198,13 @@ def _wo_mask(geo: Geometry, st: MachineState, f: Fields):
 
 
 def _lane_instr(geo: Geometry, key, o, st: MachineState, mem: LaneMemory, err, err_pc):
-    _, op, rd, rs1, rs2, rs3, funct1 = key
+    op, rd = key[1], key[2]
     pc = o[0]
     spec = OPCODES[op]
     if dispatch.FP_DEST[op] and rd == 0:
         return st, err, err_pc
     fn = dispatch.IMPLEMENTATIONS[spec.mnemonic]
-    i32 = np.int32
-    f = Fields(opcode=i32(op), rd=i32(rd), rs1=i32(rs1), rs2=i32(rs2), rs3=i32(rs3), funct1=i32(funct1),
-               imm18=o[1], imm22=o[2])
+    f = Fields.of_key(key, o[1], o[2])
     nsub = int(dispatch.micro_steps(geo.cfg)[op])
     for sub in range(nsub):
         view = st._replace(pc=pc, sub=jnp.int32(sub), vram=mem, mram=mem)
@@ -261,10 +253,9 @@ def _lane(geo: Geometry, reg: int, body: tuple, body_ops, count, st: MachineStat
         s = s._replace(gp=s.gp.at[lreg].set(o[1].astype(U32)))
         inner_ops = o[3:]
         for t in range(times):
-            ioff = 0
-            for ikey in inner:
-                s, err, err_pc = _lane_instr(geo, ikey, inner_ops[ioff: ioff + 3], s, mem, err, err_pc)
-                ioff += 3
+            for j, ikey in enumerate(inner):
+                o3 = inner_ops[j * structure.INSTR_OPERANDS: (j + 1) * structure.INSTR_OPERANDS]
+                s, err, err_pc = _lane_instr(geo, ikey, o3, s, mem, err, err_pc)
             s = s._replace(gp=s.gp.at[lreg].set(jnp.uint32(times - t - 1)))
     # a row written twice by this iteration: its last write carries the content, the masks merge
     rows, data, masks, live = [], [], [], []
