@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from asm_helpers import li, prog
 from plena.emu_jax import api, structure
+from plena.emu_jax.errors import PlenaError
 from test_emu_fast import _inputs, assert_same, run_both
 
 PRELUDE = [li(1, 0), li(2, 64 * 16), li(3, 64 * 32), li(5, 0), li(6, 1 << 16), "C_SET_ADDR_REG a0, gp0, gp6",
@@ -54,28 +55,47 @@ CASES = {
                         "S_ADDI_INT gp2, gp2, 64"),
     # every iteration writes the same 4 columns of the same rows: write-after-write on part
     # of a row
-    "same_columns": loop(4, "M_MM 0, gp5, gp1", "M_MM_WO gp2, gp0, 0", "S_ADDI_INT gp5, gp5, 4"),
+    "same_columns": loop(4, "M_MM 0, gp5, gp1", "M_MM_WO gp2, gp0, 0", "S_ADDI_INT gp1, gp1, 256"),
     # scalar temporaries per iteration, FP SRAM loads, reductions into a reset register
     "scalars": loop(8, "S_LD_FP f3, gp5, 4", "S_ADD_FP f4, f0, f0", "V_RED_SUM f4, gp1", "S_MUL_FP f4, f4, f3",
                     "V_MUL_VF gp2, gp1, f4, 0", "S_ADDI_INT gp1, gp1, 64", "S_ADDI_INT gp2, gp2, 64",
                     "S_ADDI_INT gp5, gp5, 1"),
     # output columns of one row block: M_MM_WO writes 4 columns of the same rows per iteration
     "matrix_columns": loop(8, "M_MM 0, gp5, gp1", "M_MM_WO gp2, gp0, 0", "S_ADDI_INT gp2, gp2, 4",
-                           "S_ADDI_INT gp5, gp5, 4"),
+                           "S_ADDI_INT gp5, gp5, 256"),
     # a K-chunk product loop inside the column loop (unrolled in every lane)
     "k_chunks": loop(4, "S_ADDI_INT gp6, gp5, 0", "S_ADDI_INT gp7, gp1, 0",
-                     *loop(2, "M_MM 0, gp6, gp7", "S_ADDI_INT gp6, gp6, 64", "S_ADDI_INT gp7, gp7, 256", reg=10),
-                     "M_MM_WO gp2, gp0, 0", "S_ADDI_INT gp2, gp2, 4", "S_ADDI_INT gp5, gp5, 4"),
+                     *loop(2, "M_MM 0, gp6, gp7", "S_ADDI_INT gp6, gp6, 4096", "S_ADDI_INT gp7, gp7, 256", reg=10),
+                     "M_MM_WO gp2, gp0, 0", "S_ADDI_INT gp2, gp2, 4", "S_ADDI_INT gp5, gp5, 256"),
     # only M_MM_WO in the body: iteration 0 writes the product made before the loop, the
     # others the accumulator it cleared
     "drain": ["M_MM 0, gp5, gp1", *loop(4, "M_MM_WO gp2, gp0, 0", "S_ADDI_INT gp2, gp2, 256")],
-    # the rows run out of VRAM in a late iteration: the interpreter's error and pc
-    "error_late": [li(1, 64 * 8185), *loop(8, "V_EXP_V gp1, gp1, 0", "S_ADDI_INT gp1, gp1, 64")],
+    # FP SRAM runs out in iteration 3: the interpreter's error and pc
+    "error_late": [li(5, 1000), *loop(8, "S_LD_FP f3, gp5, 0", "V_MUL_VF gp2, gp1, f3, 0", "S_ADDI_INT gp1, gp1, 64",
+                                      "S_ADDI_INT gp2, gp2, 64", "S_ADDI_INT gp5, gp5, 8")],
+    # a long loop (a SiLU over 200 rows): the check is linear in the lanes
+    "long": [li(2, 64 * 300), *loop(200, "V_MUL_VF gp2, gp1, f1, 0", "V_EXP_V gp2, gp2, 0",
+                                     "V_ADD_VF gp2, gp2, f2, 0", "V_RECI_V gp2, gp2, 0", "V_MUL_VV gp2, gp2, gp1, 0",
+                                     "S_ADDI_INT gp1, gp1, 64", "S_ADDI_INT gp2, gp2, 64")],
+    # row blocks x column tiles (a projection): the outer loop resets the inner loop's
+    # registers, every (row block, column tile) pair is a lane
+    "nested": loop(3, "S_ADDI_INT gp6, gp5, 0", "S_ADDI_INT gp7, gp2, 0",
+                   *loop(4, "M_MM 0, gp6, gp1", "M_MM_WO gp7, gp0, 0", "S_ADDI_INT gp6, gp6, 256",
+                         "S_ADDI_INT gp7, gp7, 4", reg=11),
+                   "S_ADDI_INT gp1, gp1, 256", "S_ADDI_INT gp2, gp2, 256", reg=10),
+    # the inner loop's registers run on across outer iterations (16 columns per outer step)
+    "nested_running": loop(3, *loop(4, "M_MM 0, gp5, gp1", "M_MM_WO gp2, gp0, 0", "S_ADDI_INT gp2, gp2, 4",
+                                    "S_ADDI_INT gp5, gp5, 256", reg=11),
+                           "S_ADDI_INT gp1, gp1, 256", reg=10),
+    # every outer iteration writes the same columns: write-after-write across outer iterations
+    "nested_same_columns": loop(3, "S_ADDI_INT gp7, gp2, 0",
+                                *loop(4, "M_MM 0, gp5, gp1", "M_MM_WO gp7, gp0, 0", "S_ADDI_INT gp7, gp7, 4", reg=11),
+                                "S_ADDI_INT gp1, gp1, 256", reg=10),
 }
 
 
 #: the cases whose iterations depend on each other: their run is redone without lanes
-CONFLICTS = {"running_sum", "same_columns"}
+CONFLICTS = {"running_sum", "same_columns", "nested_same_columns"}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -83,12 +103,13 @@ def test_loop_runs_as_lanes_identical_to_interpreter(name, monkeypatch):
     from plena.emu_jax import fast
 
     src = PRELUDE + CASES[name]
-    assert "VL" in loop_kinds(src), loop_kinds(src)
+    assert loop_kinds(src)[0] == "VL", loop_kinds(src)  # the case's (outermost) loop
     calls = []
     real = fast.prepare
     monkeypatch.setattr(fast, "prepare", lambda *a, **k: calls.append(k.get("lanes", True)) or real(*a, **k))
     a, b = run_both(prog(src), fast_options=dict(hot=1), **_inputs(7))
     assert_same(a, b)
+    assert isinstance(a, PlenaError) == (name == "error_late"), a
     assert calls == ([True, False] if name in CONFLICTS else [True])
 
 
@@ -101,6 +122,15 @@ def test_loop_runs_as_lanes_identical_to_interpreter(name, monkeypatch):
 ])
 def test_loops_that_stay_sequential(body, why):
     assert loop_kinds(PRELUDE + loop(8, *body)) == ["L"], why
+
+
+def test_nested_lanes_only_around_scalar_work():
+    """An outer loop runs its inner loop's lanes only when the rest of its body is scalar."""
+    inner = loop(4, "V_EXP_V gp1, gp1, 0", "S_ADDI_INT gp1, gp1, 64", reg=11)
+    assert loop_kinds(PRELUDE + loop(3, "S_ADDI_INT gp2, gp2, 64", *inner, reg=10)) == ["VL", "VL"]
+    assert loop_kinds(PRELUDE + loop(3, "V_EXP_V gp2, gp2, 0", *inner, "S_ADDI_INT gp2, gp2, 64",
+                                     reg=10)) == ["L", "VL"]
+    assert loop_kinds(PRELUDE + loop(3, *inner, *inner, reg=10)) == ["L", "VL", "VL"]
 
 
 @st.composite

@@ -299,7 +299,7 @@ def _pcs(it) -> tuple[int, int]:
 
 
 def schedule(items: list, prog: DecodedProgram, sigs: structure.Signatures, *, max_block: int = MAX_BLOCK,
-             hot: int = HOT) -> list:
+             hot: int = HOT, cold: str = "interpreter") -> list:
     """Steps that execute ``items`` in order.
 
     An item is *hot* when it executes at least ``hot`` times as many instructions as it emits
@@ -338,7 +338,14 @@ def schedule(items: list, prog: DecodedProgram, sigs: structure.Signatures, *, m
         for it in its:
             size, dyn = _size(it), _dynamic(it)
             if reps * dyn < hot * size:
-                interp(*_pcs(it), dyn)
+                if cold == "interpreter":
+                    interp(*_pcs(it), dyn)
+                else:
+                    if cold == "own":
+                        flush()
+                    add(structure._sig_tree(it, sigs), structure.operands(it, prog), size, dyn)
+                    if cold == "own":
+                        flush()
             elif size <= max_block:
                 add(structure._sig_tree(it, sigs), structure.operands(it, prog), size, dyn)
             elif isinstance(it, structure.Loop):  # C_LOOP_START / C_LOOP_END as register sets

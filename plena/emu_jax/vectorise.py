@@ -52,7 +52,8 @@ FP_RD_READ = frozenset(_OP[m] for m in ("V_RED_SUM", "V_RED_MAX"))  # fp[rd] acc
 PRODUCTS = frozenset((structure.MM, structure.TMM))
 MM_WO, LD_FP = _OP["M_MM_WO"], _OP["S_LD_FP"]
 MIN_COUNT = 2  #: fewer iterations gain nothing
-MAX_CHECK = 1 << 22  #: bound on count^2 x (body instructions)^2, the size of the conflict check
+#: bound on lanes x instructions per lane (the arrays of the lanes and of their check)
+MAX_LANE_WORK = 1 << 16
 MAX_LANE_INSTRUCTIONS = 96  #: instructions one lane emits (LV bodies unrolled)
 
 
@@ -61,19 +62,28 @@ MAX_LANE_INSTRUCTIONS = 96  #: instructions one lane emits (LV bodies unrolled)
 
 
 def _flat(body: tuple):
-    """The body as the instruction keys one iteration executes, LV loops unrolled, with
-    ("C", reg) marking a loop counter set; None when an item is not supported."""
+    """The body as the instruction keys one iteration executes, LV loops unrolled and a
+    nested VL loop's body once, with ("C", reg) marking a loop counter set; None when an item
+    is not supported."""
     out = []
     for key in body:
         if key[0] == "I":
             out.append(key)
-        elif key[0] == "LV":
+        elif key[0] in ("LV", "VL"):
             _, reg, n, inner = key
+            inner_flat = _flat(inner)
+            if inner_flat is None:
+                return None
             out.append(("C", reg))
-            out.extend(list(inner) * n)
+            out.extend(inner_flat * (n if key[0] == "LV" else 1))
         else:
             return None
     return out
+
+
+def lanes_of(count: int, body: tuple) -> int:
+    """Iterations the loop runs as lanes: ``count`` times a nested VL loop's lanes."""
+    return count * max((lanes_of(k[2], k[3]) for k in body if k[0] == "VL"), default=1)
 
 
 def _regs(key):
@@ -97,16 +107,25 @@ def _regs(key):
     return gp_r, gp_w, fp_r, fp_w
 
 
+def _self_increment(key) -> bool:
+    return key[0] == "I" and key[1] == structure.ADDI and key[2] == key[3]
+
+
 def eligible(reg: int, body: tuple, count: int) -> bool:
-    """Whether the loop (counter ``reg``, body signature keys, trip count) may run as lanes."""
+    """Whether the loop (counter ``reg``, body signature keys, trip count) may run as lanes.
+    A body may hold one nested VL loop when everything else in it is scalar work (the lanes
+    are then every iteration of the inner loop in every iteration of this one)."""
     flat = _flat(body)
-    if not flat or len(flat) > MAX_LANE_INSTRUCTIONS or count * count * len(flat) ** 2 > MAX_CHECK:
+    if not flat or len(flat) > MAX_LANE_INSTRUCTIONS or lanes_of(count, body) * len(flat) > MAX_LANE_WORK:
         return False
     keys = [k for k in flat if k[0] == "I"]
     if any(k[1] not in LANE_OPS for k in keys):
         return False
     if not any(k[1] in ROW_WORK for k in keys):
         return False  # nothing but scalar work: leave it to the plain loop
+    nested = [k for k in body if k[0] == "VL"]
+    if nested and (len(nested) > 1 or any(k[0] == "LV" or (k[0] == "I" and k[1] in ROW_WORK) for k in body)):
+        return False
     ind = induction_registers(reg, body)
     gp_def, fp_def = set(), set()
     written_gp = set().union(*(_regs(k)[1] for k in flat))
@@ -130,23 +149,34 @@ def eligible(reg: int, body: tuple, count: int) -> bool:
     return True
 
 
-def induction_registers(reg: int, body: tuple) -> dict:
-    """{gp register: index of its S_ADDI_INT self-increment in ``body``} for the registers the
-    body writes exactly once, at top level, by ``gX = gX + imm`` (the value then moves by imm
-    per iteration)."""
-    flat = _flat(body) or []
-    writes: dict[int, int] = {}
-    for k in flat:
+def induction_registers(reg: int, body: tuple) -> frozenset:
+    """The gp registers other than the counter that the body (nested loops included) writes
+    only by self-increments ``gX = gX + imm``: each iteration moves them by the same amount,
+    so iteration k starts at the loop's value + k x that amount."""
+    ok: dict[int, bool] = {}
+    for k in _flat(body) or []:
         for r in _regs(k)[1]:
-            writes[r] = writes.get(r, 0) + 1
-    out = {}
-    defined = set()
-    for j, key in enumerate(body):
-        if key[0] == "I" and key[1] == structure.ADDI and key[2] == key[3] and writes.get(key[2]) == 1 and key[2] not in defined:
-            out[key[2]] = j
-        for k in _flat((key,)) or []:
-            defined |= _regs(k)[1]
-    return out
+            ok[r] = ok.get(r, True) and _self_increment(k)
+    return frozenset(r for r, good in ok.items() if good and r != reg)
+
+
+def _increments(body: tuple, ops, regs: frozenset):
+    """u32[16]: how far one iteration of ``body`` (operands ``ops``) moves each register in
+    ``regs`` (their self-increments' immediates, times the trip counts of the loops around
+    them)."""
+    from plena.emu_jax.fast import operand_count  # (fast imports this module)
+
+    step = jnp.zeros(16, U32)
+    off = 0
+    for key in body:
+        n = operand_count(key)
+        if key[0] == "I":
+            if _self_increment(key) and key[2] in regs:
+                step = step.at[key[2]].add(ops[off + 1].astype(U32))
+        else:  # LV / VL: trip count in the signature
+            step = step + U32(key[2]) * _increments(key[3], ops[off + 3: off + n], regs)
+        off += n
+    return step
 
 
 # ------------------------------------------------------------------------------------------
@@ -154,12 +184,15 @@ def induction_registers(reg: int, body: tuple) -> dict:
 
 
 class LaneMemory:
-    """VRAM/MRAM seen by one iteration: the state before the loop plus the rows this
-    iteration wrote, with every VRAM read recorded (except a write's own read-modify-write)."""
+    """VRAM/MRAM seen by one iteration: the state before the loop plus what this iteration
+    wrote, with every VRAM read recorded (except a write's own read-modify-write).
+
+    Writes are kept in order as ``(row, col0, data)``: whole rows (vector ops; col0 = 0,
+    VLEN values) and BLEN-wide column spans (M_MM_WO)."""
 
     def __init__(self, geo: Geometry, vram, mram):
         self.geo, self.vram, self.mram = geo, vram, mram
-        self.writes: list = []  # (row i32, data [VLEN], mask bool[VLEN])
+        self.writes: list = []  # (row i32, col0 i32, data [VLEN] or [BLEN])
         self.reads: list = []  # (row i32[n], own bool[n]): rows read; own = whole row written before by this iteration
         self.recording = True
 
@@ -168,10 +201,14 @@ class LaneMemory:
         data = memory.rows_window(self.vram, row, n, self.geo.vram_rows)
         rows = row.astype(I32) + jnp.arange(n, dtype=I32)
         own = jnp.zeros(n, bool)
-        for w_row, w_data, w_mask in self.writes:
+        for w_row, col0, w_data in self.writes:
             hit = (rows == w_row) & (w_row < self.geo.vram_rows)
-            data = jnp.where(hit[:, None], w_data[None], data)
-            own = own | (hit & jnp.all(w_mask))
+            if w_data.shape[0] == self.geo.cfg.vlen:
+                data = jnp.where(hit[:, None], w_data[None], data)
+                own = own | hit
+            else:
+                merged = lax.dynamic_update_slice(data, jnp.broadcast_to(w_data, (n,) + w_data.shape), (0, col0))
+                data = jnp.where(hit[:, None], merged, data)
         if self.recording:
             self.reads.append((rows, own))
         return data
@@ -188,13 +225,11 @@ class _Mram:
         self.mram = mram
 
 
-def _wo_mask(geo: Geometry, st: MachineState, f: Fields):
-    """bool[VLEN]: the columns an M_MM_WO row write replaces (as ops_matrix.m_mm_wo places them)."""
+def _wo_column(geo: Geometry, st: MachineState, f: Fields):
+    """The first column an M_MM_WO row write replaces (as ops_matrix.m_mm_wo places it)."""
     c = geo.cfg
     col = (st.gp[f.rd] + memory.u32(f.imm18)) % U32(c.mlen)
-    colc = jnp.minimum(col, U32(c.mlen - c.blen)).astype(I32)
-    lane = jnp.arange(c.vlen, dtype=I32)
-    return (lane >= colc) & (lane < colc + c.blen)
+    return jnp.minimum(col, U32(c.mlen - c.blen)).astype(I32)
 
 
 def _lane_instr(geo: Geometry, key, o, st: MachineState, mem: LaneMemory, err, err_pc):
@@ -208,37 +243,73 @@ def _lane_instr(geo: Geometry, key, o, st: MachineState, mem: LaneMemory, err, e
     nsub = int(dispatch.micro_steps(geo.cfg)[op])
     for sub in range(nsub):
         view = st._replace(pc=pc, sub=jnp.int32(sub), vram=mem, mram=mem)
-        mem.recording = op != MM_WO  # M_MM_WO reads its row only to merge its columns in
-        eff = fn(geo, view, f)
-        mem.recording = True
+        if mem is None:  # scalar work around a nested loop
+            eff = fn(geo, view, f)
+        else:
+            mem.recording = op != MM_WO  # M_MM_WO reads its row only to merge its columns in
+            eff = fn(geo, view, f)
+            mem.recording = True
         ok = eff.err == 0
-        if op == MM_WO or spec.mnemonic in ELEMENTWISE:
-            mask = _wo_mask(geo, view, f) if op == MM_WO else jnp.ones(geo.cfg.vlen, bool)
-            row = jnp.where(ok, eff.vram_row, geo.vram_rows).astype(I32)
-            mem.writes.append((row, eff.vram_data, mask))
+        row = jnp.where(ok, eff.vram_row, geo.vram_rows).astype(I32)
+        if op == MM_WO:
+            col0 = _wo_column(geo, view, f)
+            mem.writes.append((row, col0, lax.dynamic_slice(eff.vram_data, (col0,), (geo.cfg.blen,))))
+        elif spec.mnemonic in ELEMENTWISE:
+            mem.writes.append((row, jnp.int32(0), eff.vram_data))
         first = (err == 0) & ~ok
         err, err_pc = jnp.where(first, eff.err, err), jnp.where(first, pc, err_pc)
         st = st._replace(gp=eff.gp, fp=eff.fp, m_acc=eff.m_acc)
     return st, err, err_pc
 
 
-def _lane(geo: Geometry, reg: int, body: tuple, body_ops, count, st: MachineState, k):
-    """One iteration from the state before the loop: (registers after it, its writes, reads, error)."""
-    from plena.emu_jax.fast import operand_count  # (fast imports this module)
+def _uses_acc(body: tuple) -> bool:
+    return any(k[0] == "I" and (k[1] in PRODUCTS or k[1] == MM_WO) for k in _flat(body) or [])
 
-    step = jnp.zeros(16, U32)
-    off = 0
-    increments = set(induction_registers(reg, body).values())
-    for j, key in enumerate(body):
-        if j in increments:
-            step = step.at[key[2]].add(body_ops[off + 1].astype(U32))
-        off += operand_count(key)
+
+def _start(st: MachineState, reg: int, count: int, body: tuple, body_ops, k) -> MachineState:
+    """The registers at the start of iteration k, from the state before the loop."""
+    step = _increments(body, body_ops, induction_registers(reg, body))
     gp = (st.gp + k.astype(U32) * step).at[reg].set((count - k).astype(U32))
+    if not _uses_acc(body):
+        return st._replace(gp=gp)
     # the accumulator: the state's for iteration 0; cleared by the previous iteration's M_MM_WO
     # for the others (eligible() checks that the body ends its m_acc use with one)
-    uses_acc = any(key[0] == "LV" or (key[0] == "I" and (key[1] in PRODUCTS or key[1] == MM_WO)) for key in body)
-    m_acc = jnp.where(k == 0, st.m_acc, jnp.zeros_like(st.m_acc)) if uses_acc else st.m_acc
-    s = st._replace(gp=gp, m_acc=m_acc)
+    return st._replace(gp=gp, m_acc=jnp.where(k == 0, st.m_acc, jnp.zeros_like(st.m_acc)))
+
+
+def _writes(geo: Geometry, writes: list, vram_dtype):
+    """One iteration's writes as (whole rows, column spans), each (row, [col0,] data, mask,
+    live): mask = the elements no later write of the same iteration replaces."""
+    vlen, blen = geo.cfg.vlen, geo.cfg.blen
+    masks = []
+    for i, (row, col0, data) in enumerate(writes):
+        cols = col0 + jnp.arange(data.shape[0], dtype=I32)
+        mask = jnp.ones(data.shape[0], bool)
+        for row_j, col0_j, data_j in writes[i + 1:]:
+            mask = mask & ~((row_j == row) & (cols >= col0_j) & (cols < col0_j + data_j.shape[0]))
+        masks.append(mask)
+
+    def group(width, whole):  # (a span as wide as a row is a whole row)
+        ws = [(w, m) for w, m in zip(writes, masks) if (w[2].shape[0] == vlen) == whole]
+        if not ws:
+            return jnp.zeros(0, I32), jnp.zeros(0, I32), jnp.zeros((0, width), vram_dtype), jnp.zeros((0, width), bool)
+        return (jnp.stack([w[0] for w, _ in ws]), jnp.stack([jnp.asarray(w[1], I32) for w, _ in ws]),
+                jnp.stack([w[2] for w, _ in ws]), jnp.stack([m for _, m in ws]))
+
+    w_row, _, w_data, w_mask = group(vlen, True)
+    s_row, s_col, s_data, s_mask = group(blen, False)
+    live = lambda row, mask: (row < geo.vram_rows) & jnp.any(mask, -1)  # noqa: E731
+    groups = ((w_row, w_data, w_mask, live(w_row, w_mask)), (s_row, s_col, s_data, s_mask, live(s_row, s_mask)))
+    rows = jnp.stack([w[0] for w in writes]) if writes else jnp.zeros(0, I32)
+    return groups, jnp.where((rows >= 0) & (rows < geo.vram_rows), rows, -1)
+
+
+def _lane(geo: Geometry, reg: int, body: tuple, body_ops, count: int, st: MachineState, k):
+    """One iteration from the state before the loop: (registers after it, its writes, every
+    row it wrote, its reads, error)."""
+    from plena.emu_jax.fast import operand_count  # (fast imports this module)
+
+    s = _start(st, reg, count, body, body_ops, k)
     mem = LaneMemory(geo, st.vram, st.mram)
     err, err_pc = jnp.int32(0), jnp.int32(0)
     off = 0
@@ -257,25 +328,69 @@ def _lane(geo: Geometry, reg: int, body: tuple, body_ops, count, st: MachineStat
                 o3 = inner_ops[j * structure.INSTR_OPERANDS: (j + 1) * structure.INSTR_OPERANDS]
                 s, err, err_pc = _lane_instr(geo, ikey, o3, s, mem, err, err_pc)
             s = s._replace(gp=s.gp.at[lreg].set(jnp.uint32(times - t - 1)))
-    # a row written twice by this iteration: its last write carries the content, the masks merge
-    rows, data, masks, live = [], [], [], []
-    for i, (row, d, m) in enumerate(mem.writes):
-        later = [r2 for r2, _, _ in mem.writes[i + 1:]]
-        superseded = jnp.any(jnp.stack([r2 == row for r2 in later])) if later else jnp.bool_(False)
-        merged = m
-        for r0, _, m0 in mem.writes[:i]:
-            merged = merged | (m0 & (r0 == row))
-        rows.append(row)
-        data.append(d)
-        masks.append(merged)
-        live.append((row < geo.vram_rows) & ~superseded)
-    writes = (jnp.stack(rows), jnp.stack(data), jnp.stack(masks), jnp.stack(live))
-    all_rows = jnp.stack([jnp.where(r < geo.vram_rows, r, -1) for r, _, _ in mem.writes])
+    writes, all_rows = _writes(geo, mem.writes, st.vram.dtype)
     if mem.reads:
         reads = (jnp.concatenate([r for r, _ in mem.reads]), jnp.concatenate([o for _, o in mem.reads]))
     else:
         reads = (jnp.zeros(0, I32), jnp.zeros(0, bool))
-    return s, writes, all_rows, reads, err, err_pc
+    return s, writes, all_rows, reads, err[None], err_pc[None]
+
+
+def _lanes(geo: Geometry, sig, ops, st: MachineState):
+    """Every iteration of the loop ``sig`` (and of a nested VL loop in it) as a lane, from the
+    state ``st`` before it: ((gp, fp, m_acc) after the last iteration, writes, all written
+    rows, reads, errors, their pcs), the per-lane arrays in iteration order."""
+    from plena.emu_jax.fast import operand_count
+
+    _, reg, count, body = sig
+    body_ops = ops[3:]
+    ks = jnp.arange(count, dtype=I32)
+    if not any(key[0] == "VL" for key in body):
+        def lane(k):
+            s, *rest = _lane(geo, reg, body, body_ops, count, st, k)
+            return (s.gp, s.fp, s.m_acc), *rest
+
+        regs, writes, all_rows, reads, errs, err_pcs = jax.vmap(lane)(ks)
+        return jax.tree_util.tree_map(lambda x: x[-1], regs), writes, all_rows, reads, errs.reshape(-1), \
+            err_pcs.reshape(-1)
+
+    def outer(k):  # scalar work around one nested VL loop, whose lanes this iteration holds
+        s = _start(st, reg, count, body, body_ops, k)
+        errs, pcs, inner = [], [], None
+        off = 0
+        for key in body:
+            n = operand_count(key)
+            o = body_ops[off: off + n]
+            off += n
+            if key[0] == "I":
+                s, err, err_pc = _lane_instr(geo, key, o, s, None, jnp.int32(0), jnp.int32(0))
+                errs.append(err[None])
+                pcs.append(err_pc[None])
+            else:
+                (gp, fp, m_acc), *inner, err, err_pc = _lanes(geo, key, o, s)
+                s = s._replace(gp=gp.at[key[1]].set(jnp.uint32(0)), fp=fp, m_acc=m_acc)
+                errs.append(err)
+                pcs.append(err_pc)
+        return (s.gp, s.fp, s.m_acc), inner, jnp.concatenate(errs), jnp.concatenate(pcs)
+
+    regs, inner, errs, err_pcs = jax.vmap(outer)(ks)
+    merge = lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])  # noqa: E731  [outer, inner, ...] -> [lanes, ...]
+    writes, all_rows, reads = jax.tree_util.tree_map(merge, inner)
+    return jax.tree_util.tree_map(lambda x: x[-1], regs), writes, all_rows, reads, errs.reshape(-1), \
+        err_pcs.reshape(-1)
+
+
+def _read_after_write(geo: Geometry, all_rows, r_row, r_own):
+    """Whether a lane reads a row an earlier lane wrote (per-row table of the first lane
+    writing each row; linear in the lanes). A row a lane itself wrote whole before reading it
+    (a scratch row) does not count."""
+    lanes = jnp.arange(all_rows.shape[0], dtype=I32)[:, None]
+    nowhere, outside = geo.vram_rows, geo.vram_rows + 1  # table slots: no write / a read outside VRAM
+    big = jnp.int32(2**31 - 1)
+    wrote = jnp.where(all_rows >= 0, all_rows, nowhere)
+    first = jnp.full(geo.vram_rows + 2, big, I32).at[wrote].min(jnp.broadcast_to(lanes, wrote.shape))
+    read = jnp.where((r_row >= 0) & (r_row < geo.vram_rows), r_row, outside)
+    return jnp.any(~r_own & (first.at[nowhere].set(big)[read] < lanes))
 
 
 def run_loop(geo: Geometry, sig, ops, st: MachineState) -> MachineState:
@@ -284,43 +399,44 @@ def run_loop(geo: Geometry, sig, ops, st: MachineState) -> MachineState:
     loop's pc (unless an earlier error is already there) and the caller redoes the run
     without lanes. (A ``lax.cond`` to the plain loop instead would copy the whole VRAM on
     every call: XLA copies a buffer a conditional updates in place.)"""
-    _, reg, count, body = sig
-    body_ops = ops[3:]
-    ks = jnp.arange(count, dtype=I32)
-
-    def lane(k):
-        s, writes, all_rows, reads, err, err_pc = _lane(geo, reg, body, body_ops, jnp.int32(count), st, k)
-        return (s.gp, s.fp, s.m_acc), writes, all_rows, reads, err, err_pc
-
-    (gp, fp, m_acc), (w_row, w_data, w_mask, w_live), all_rows, (r_row, r_own), errs, err_pcs = jax.vmap(lane)(ks)
-    # read-after-write: iteration k reads a row that an iteration j < k wrote (a row iteration
-    # k itself wrote whole before reading it, e.g. a scratch row, does not count)
-    w = all_rows[None, :, None, :]  # [-, j, -, write]
-    r = r_row[:, None, :, None]  # [k, -, read, -]
-    earlier = (ks[None, :] < ks[:, None])[:, :, None, None]
-    raw = jnp.any(earlier & (w >= 0) & (w == r) & ~r_own[:, None, :, None])
-    # write-after-write: a write is superseded when a later iteration writes its whole row;
-    # two live writes of one element (column spans, conservatively) are a conflict
-    vlen = geo.cfg.vlen
-    a = (slice(None), slice(None), None, None)
-    b = (None, None, slice(None), slice(None))
-    same = w_live[a] & w_live[b] & (w_row[a] == w_row[b])
-    later_whole = same & (ks[None, None, :, None] > ks[:, None, None, None]) & jnp.all(w_mask, -1)[b]
-    w_live = w_live & ~jnp.any(later_whole, axis=(2, 3))
-    c_lo = jnp.argmax(w_mask, axis=-1)
-    c_hi = vlen - jnp.argmax(w_mask[..., ::-1], axis=-1)
-    other = (ks[:, None, None, None] != ks[None, None, :, None])
-    waw = jnp.any(other & w_live[a] & w_live[b] & (w_row[a] == w_row[b]) & (c_lo[a] < c_hi[b]) & (c_lo[b] < c_hi[a]))
-
-    rows = jnp.where(w_live[..., None] & w_mask, w_row[..., None], geo.vram_rows + 1)
-    cols = jnp.broadcast_to(jnp.arange(vlen, dtype=I32), rows.shape)
-    vram = st.vram.at[rows.reshape(-1), cols.reshape(-1)].set(w_data.reshape(-1), mode="drop")
+    reg = sig[1]
+    (gp, fp, m_acc), (whole, span), all_rows, (r_row, r_own), errs, err_pcs = _lanes(geo, sig, ops, st)
+    w_row, w_data, w_mask, w_live = whole
+    s_row, s_col, s_data, s_mask, s_live = span
+    vlen, blen = geo.cfg.vlen, geo.cfg.blen
+    lanes = jnp.arange(all_rows.shape[0], dtype=I32)[:, None]
+    nowhere, drop = geo.vram_rows, geo.vram_rows + 1
+    table = jnp.full(geo.vram_rows + 1, -1, I32)  # per row (slot vram_rows: no write)
+    at_row = lambda row, live: jnp.where(live, row, nowhere)  # noqa: E731
+    # a write is superseded when a later lane writes its whole row
+    full = w_live & jnp.all(w_mask, -1)
+    last_full = table.at[at_row(w_row, full)].max(jnp.where(full, lanes, -1))
+    w_live = w_live & ~(last_full[at_row(w_row, w_live)] > lanes)
+    s_live = s_live & ~(last_full[at_row(s_row, s_live)] > lanes)
+    # write-after-write among the live writes (conservatively, without comparing data):
+    # two row writes of one row; a span under a later lane's row write; two spans of one
+    # BLEN-column block of one row (sorted keys; a misaligned span counts as a clash too)
+    rows_written = jnp.zeros_like(table).at[at_row(w_row, w_live)].add(1)
+    last_row = table.at[at_row(w_row, w_live)].max(jnp.where(w_live, lanes, -1))
+    blocks = vlen // blen
+    big = jnp.int32(2**31 - 1)
+    key = s_row * blocks + s_col // blen if (geo.vram_rows + 1) * blocks < 2**31 else s_row
+    key = jnp.sort(jnp.where(s_live, key, big).reshape(-1))
+    clash = (jnp.any(rows_written[:nowhere] > 1) | jnp.any(s_live & (last_row[at_row(s_row, s_live)] > lanes))
+             | jnp.any((key[1:] == key[:-1]) & (key[1:] != big)) | jnp.any(s_live & (s_col % blen != 0)))
+    conflict = _read_after_write(geo, all_rows, r_row, r_own) | clash
+    # whole rows (as rows), then the spans (as elements): a span of the lane that wrote the
+    # row replaces the columns its row write left to it
+    vram = st.vram.at[jnp.where(w_live, w_row, drop).reshape(-1)].set(w_data.reshape(-1, vlen), mode="drop")
+    put = s_live[..., None] & s_mask
+    s_cols = s_col[..., None] + jnp.arange(blen, dtype=I32)
+    vram = vram.at[jnp.where(put, s_row[..., None], drop), s_cols].set(s_data, mode="drop")
     bad = errs != 0
     at = jnp.argmax(bad)
     # the first error in iteration order; a conflict makes every lane's result suspect
-    err = jnp.where(raw | waw, jnp.int32(int(Err.LANE_CONFLICT)), jnp.where(jnp.any(bad), errs[at], 0))
-    err_pc = jnp.where(raw | waw, ops[0], err_pcs[at])
+    err = jnp.where(conflict, jnp.int32(int(Err.LANE_CONFLICT)), jnp.where(jnp.any(bad), errs[at], 0))
+    err_pc = jnp.where(conflict, ops[0], err_pcs[at])
     first = (st.err == 0) & (err != 0)
     return lax.optimization_barrier(st._replace(
-        vram=vram, gp=gp[-1].at[reg].set(jnp.uint32(0)), fp=fp[-1], m_acc=m_acc[-1],
+        vram=vram, gp=gp.at[reg].set(jnp.uint32(0)), fp=fp, m_acc=m_acc,
         err=jnp.where(first, err, st.err), err_pc=jnp.where(first, err_pc, st.err_pc)))
