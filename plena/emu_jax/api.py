@@ -259,7 +259,7 @@ def run(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsram=None, intsr
         # the interpreter for the cold code holds only the opcodes it will meet, and compiles
         # beside the blocks
         return fast.prepare(prog, geo, state, interpreter=lambda ops: compiled_interpreter(geo, fields, state, n, limit, ops),
-                            **{**(fast_options or {}), **extra})
+                            intsram=inp.intsram, **{**(fast_options or {}), **extra})
 
     if use_fast(executor, plan, max_steps):
         ex = prepare_fast(st)

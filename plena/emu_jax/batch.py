@@ -138,7 +138,8 @@ def run_batch(program, cfg: PlenaConfig | None = None, *, hbm: Sequence, fpsram:
     if use_fast(executor, plan, max_steps):
         try:
             # loops never run as lanes here: a conflict would need the whole batch redone
-            ex = fast.prepare(prog, geo, st, batch_axes=state_axes(), **{**(fast_options or {}), "lanes": False})
+            ex = fast.prepare(prog, geo, st, batch_axes=state_axes(), intsram=inputs[0].intsram,
+                              **{**(fast_options or {}), "lanes": False})
         except ValueError as exc:
             if "out_axes" in str(exc) or "vmap" in str(exc):
                 raise BatchDivergence("the program's control flow depends on tensor data; run the input "

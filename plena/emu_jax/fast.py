@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from plena.emu_jax import dispatch, structure, vectorise
+from plena.emu_jax import dispatch, regfold, structure, vectorise
 from plena.numerics import ieee
 from plena.emu_jax.effects import Fields, no_effect
 from plena.emu_jax.errors import Err
@@ -166,8 +166,10 @@ def operand_count(sig) -> int:
     kind = sig[0]
     if kind == "I":
         return structure.INSTR_OPERANDS
-    if kind in ("S", "P"):
+    if kind in ("S", "P", "K"):
         return 1
+    if kind == "G":
+        return 2 * structure.REG_SLOTS
     if kind == "L":
         return 3 + sum(operand_count(s) for s in sig[2])
     if kind in ("LV", "VL"):
@@ -192,6 +194,10 @@ def _item(geo: Geometry, sig, ops, st: MachineState) -> MachineState:
         return st._replace(gp=st.gp.at[sig[1]].set(ops[0].astype(jnp.uint32)))
     if kind == "P":  # where the interpreter resumes
         return st._replace(pc=ops[0])
+    if kind == "K":  # a constant (structure.Const)
+        return st._replace(gp=st.gp.at[sig[1]].set(ops[0].astype(jnp.uint32)))
+    if kind == "G":  # known register values (structure.Regs)
+        return set_registers(st, ops)
     if kind == "LV":
         return _tile_loop(geo, sig, ops, st)
     if kind == "VL":  # iterations at once (a conflict between them makes the caller redo the run)
@@ -209,6 +215,17 @@ def _item(geo: Geometry, sig, ops, st: MachineState) -> MachineState:
     times = sig[1]
     table = ops.reshape(times, -1)
     return lax.fori_loop(0, times, lambda k, s: _items(geo, body, table[k], s), st)
+
+
+def set_registers(st: MachineState, ops) -> MachineState:
+    """A register set (:class:`plena.emu_jax.structure.Regs`): ``ops`` = one flag per
+    register slot (gp, a_hi, a_lo, scale, stride, vmask), then the values."""
+    n = structure.REG_SLOTS
+    on, val = ops[:n] != 0, ops[n:].astype(jnp.uint32)
+    pick = lambda lo, hi, old: jnp.where(on[lo:hi], val[lo:hi], old)  # noqa: E731
+    one = lambda i, old: jnp.where(on[i], val[i], old)  # noqa: E731
+    return st._replace(gp=pick(0, 16, st.gp), a_hi=pick(16, 32, st.a_hi), a_lo=pick(32, 48, st.a_lo),
+                       scale=one(48, st.scale), stride=one(49, st.stride), vmask=one(50, st.vmask))
 
 
 def _tile_loop(geo: Geometry, sig, ops, st: MachineState) -> MachineState:
@@ -261,6 +278,12 @@ MAX_BLOCK = 48  #: most instructions one compiled block may emit (compile time g
 #: attention and norm code of a decoder layer too: on the small 8-layer decoder the
 #: interpreter's share fell from 44,366 to 1,820 dynamic instructions for 12 % more emitted code
 HOT = 32
+#: a cold item of at most this many instructions between two hot ones inside a repeat is
+#: compiled with them (shared by the copies) instead of splitting them by an interpreter step
+ABSORB = 2
+#: a hot item of at least this many instructions starts a block (with the small items after
+#: it), so that every occurrence of it compiles to the same block
+UNIT = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,10 +302,14 @@ class Block:
 
 
 def _size(it) -> int:
-    return 1 if isinstance(it, structure.Instr) else sum(_size(x) for x in it.body)
+    if isinstance(it, (structure.Instr, structure.Const, structure.Regs)):
+        return 1
+    return sum(_size(x) for x in it.body)
 
 
 def _dynamic(it) -> int:
+    if isinstance(it, (structure.Const, structure.Regs)):
+        return it.end - it.pc
     if isinstance(it, structure.Instr):
         return 1
     if isinstance(it, structure.Loop):
@@ -291,6 +318,8 @@ def _dynamic(it) -> int:
 
 
 def _pcs(it) -> tuple[int, int]:
+    if isinstance(it, (structure.Const, structure.Regs)):
+        return it.pc, it.end
     if isinstance(it, structure.Instr):
         return it.pc, it.pc + 1
     if isinstance(it, structure.Loop):
@@ -298,16 +327,32 @@ def _pcs(it) -> tuple[int, int]:
     return _pcs(it.copies[0][0])[0], _pcs(it.copies[-1][-1])[1]
 
 
+def _work(it, sigs: structure.Signatures, micro) -> int:
+    """Micro-steps the reference interpreter runs for an item (its cost there: one
+    H_PREFETCH_M is MLEN of them, a register set as many as the instructions it replaces)."""
+    if isinstance(it, (structure.Const, structure.Regs)):
+        return it.end - it.pc
+    if isinstance(it, structure.Instr):
+        return int(micro[sigs.keys[it.sig][1]])
+    if isinstance(it, structure.Loop):
+        return 2 + it.count * sum(_work(x, sigs, micro) for x in it.body)
+    return sum(_work(x, sigs, micro) for c in it.copies for x in c)
+
+
 def schedule(items: list, prog: DecodedProgram, sigs: structure.Signatures, *, max_block: int = MAX_BLOCK,
-             hot: int = HOT, cold: str = "interpreter") -> list:
+             hot: int = HOT, absorb: int = ABSORB, unit: int = UNIT, micro=None) -> list:
     """Steps that execute ``items`` in order.
 
-    An item is *hot* when it executes at least ``hot`` times as many instructions as it emits
-    (counting the iterations of the host-driven loops around it). Consecutive hot items go
-    into one compiled :class:`Block` (up to ``max_block`` emitted instructions); cold code
-    runs on the reference interpreter (:class:`Interp` ranges). A hot loop too big for one
-    block is driven from the host: its counter register is set in the blocks (the pseudo
-    item ("S", reg)) and its body's steps are repeated per iteration."""
+    An item is *hot* when the reference interpreter would run at least ``hot`` micro-steps
+    (:func:`_work`; ``micro``: micro-steps per opcode, default 1) per instruction it emits,
+    counting the iterations of the host-driven loops and repeats around it. Constants and
+    register sets (:class:`~plena.emu_jax.structure.Const`, :class:`~plena.emu_jax.structure.Regs`)
+    cost next to nothing to compile and are always hot. Consecutive hot items go into one
+    compiled :class:`Block` (up to ``max_block`` emitted instructions); cold code runs on the
+    reference interpreter (:class:`Interp` ranges). A hot loop too big for one block is driven
+    from the host: its counter register is set in the blocks (the pseudo item ("S", reg)) and
+    its body's steps are repeated per iteration."""
+    micro = np.ones(64, np.int64) if micro is None else micro
     out: list = []
     group: list = []  # (signature, operands, size, dynamic instructions)
 
@@ -334,27 +379,48 @@ def schedule(items: list, prog: DecodedProgram, sigs: structure.Signatures, *, m
             out.append(Interp(lo, hi, dyn))
         pc_now[0] = hi
 
+    def hotness(its, reps) -> list:
+        """Hot (True) or cold per item of one list (see the docstring)."""
+        trivial = [isinstance(it, (structure.Const, structure.Regs)) for it in its]
+        hot_ = [None if t else reps * _work(it, sigs, micro) >= hot * _size(it) for it, t in zip(its, trivial)]
+        real = [i for i, t in enumerate(trivial) if not t]
+        j = 0
+        while j < len(real):  # a short cold run between hot items inside a repeat joins them
+            if hot_[real[j]]:
+                j += 1
+                continue
+            k = j
+            while k < len(real) and not hot_[real[k]]:
+                k += 1
+            if reps > 1 and 0 < j and k < len(real) and sum(_size(its[real[x]]) for x in range(j, k)) <= absorb:
+                for x in range(j, k):
+                    hot_[real[x]] = True
+            j = k
+        nxt = None  # a constant / register set goes with the code after it (the code it sets up)
+        for i in range(len(its) - 1, -1, -1):
+            if hot_[i] is None:
+                hot_[i] = nxt if nxt is not None else next((h for h in hot_[i::-1] if h is not None), True)
+            nxt = hot_[i]
+        return hot_
+
     def walk(its, reps):
-        for it in its:
+        for it, is_hot in zip(its, hotness(its, reps)):
             size, dyn = _size(it), _dynamic(it)
-            if reps * dyn < hot * size:
-                if cold == "interpreter":
-                    interp(*_pcs(it), dyn)
-                else:
-                    if cold == "own":
-                        flush()
-                    add(structure._sig_tree(it, sigs), structure.operands(it, prog), size, dyn)
-                    if cold == "own":
-                        flush()
+            if not is_hot:
+                interp(*_pcs(it), dyn)
             elif size <= max_block:
+                if unit and size >= unit:  # a block of its own (with the small items after it)
+                    flush()
                 add(structure._sig_tree(it, sigs), structure.operands(it, prog), size, dyn)
             elif isinstance(it, structure.Loop):  # C_LOOP_START / C_LOOP_END as register sets
                 add(("S", it.reg), [it.count], 0, 1)
                 for k in range(it.count):
+                    flush()  # every iteration makes the same blocks (compiled once)
                     walk(it.body, reps * it.count)
                     add(("S", it.reg), [it.count - k - 1], 0, 1)
             else:  # the copies share their code: compiled once, run it.times times
                 for copy in it.copies:
+                    flush()
                     walk(copy, reps * it.times)
 
     walk(items, 1)
@@ -401,22 +467,29 @@ def run_compiled_batched(geo: Geometry, sigs: tuple, ops, st: MachineState, axes
     return jax.vmap(lambda s: _items(geo, sigs, ops, s), in_axes=(axes,), out_axes=axes)(st)
 
 
+_UNKNOWN = object()
+
+
 def prepare(prog: DecodedProgram, geo: Geometry, example_state: MachineState, *, batch_axes=None,
-            interpreter=None, lanes: bool = True, **kw) -> Executable | None:
+            interpreter=None, lanes: bool = True, intsram=_UNKNOWN, **kw) -> Executable | None:
     """Parse, fold, schedule and compile a well-formed program (None: not well-formed).
     ``batch_axes``: compile the blocks for a batched state (see :mod:`plena.emu_jax.batch`).
     ``interpreter(opcodes)``: compiles the interpreter for the cold code's opcodes; it runs
     in the same thread pool as the blocks (its compile overlaps theirs) and the result is
     :attr:`Executable.interpreter`. ``lanes``: run independent loops as lanes
-    (:mod:`plena.emu_jax.vectorise`); a run that reports LANE_CONFLICT is redone with False."""
+    (:mod:`plena.emu_jax.vectorise`); a run that reports LANE_CONFLICT is redone with False.
+    ``intsram``: the INT SRAM preload (None: none); given, register values known before the
+    run are folded (:mod:`plena.emu_jax.regfold`)."""
     import time
 
     try:
         items, sigs = structure.parse(prog, lanes=lanes)
     except structure.Malformed:
         return None
+    if intsram is not _UNKNOWN:
+        items = regfold.fold(items, prog, geo.cfg, intsram, sigs)
     items = structure.reroll(items, sigs)
-    steps = schedule(items, prog, sigs, **kw)
+    steps = schedule(items, prog, sigs, micro=dispatch.micro_steps(geo.cfg), **kw)
     t0 = time.perf_counter()
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                                       example_state)

@@ -94,7 +94,7 @@ class _Scalars:
         if intsram is not None:
             for i, v in enumerate(list(intsram)[:1024]):
                 self.ints[i] = int(v)
-        self.scale, self.stride = 0, 1
+        self.scale, self.stride, self.vmask = 0, 1, 0
         self.vram_max, self.vram_known = 0, True
         self.hbm_end, self.hbm_known = 0, True
         self.steps = 0  # dynamic instructions (including extrapolated ones)
@@ -138,10 +138,10 @@ class _Scalars:
 
     # ------------------------------------------------------------------ state snapshots
     def snapshot(self):
-        return (list(self.gp), list(self.a_hi), list(self.a_lo), self.scale, self.stride)
+        return (list(self.gp), list(self.a_hi), list(self.a_lo), self.scale, self.stride, self.vmask)
 
     def restore(self, snap):
-        gp, a_hi, a_lo, self.scale, self.stride = snap
+        gp, a_hi, a_lo, self.scale, self.stride, self.vmask = snap
         self.gp, self.a_hi, self.a_lo = list(gp), list(a_hi), list(a_lo)
 
     # ------------------------------------------------------------------ one instruction
@@ -201,6 +201,8 @@ class _Scalars:
             self.scale = gp[rd]
         elif op == O["C_SET_STRIDE_REG"]:
             self.stride = gp[rd]
+        elif op == O["C_SET_V_MASK_REG"]:
+            self.vmask = gp[rd]
         elif op in _OP_VWRITE:
             self.vrow(gp[rd])
         elif op == O["M_MM_WO"]:
@@ -290,9 +292,11 @@ class _NeedLinear(Exception):
 
 
 def _has_non_affine(prog: DecodedProgram, items) -> bool:
-    from plena.emu_jax.structure import Instr, Loop
+    from plena.emu_jax.structure import Const, Instr, Loop
 
     for it in items:
+        if isinstance(it, Const):
+            continue
         if isinstance(it, Instr):
             if int(prog.opcode[it.pc]) in NON_AFFINE:
                 return True
@@ -330,9 +334,12 @@ class _Structured:
             self.item(it, depth)
 
     def item(self, it, depth: int):
-        from plena.emu_jax.structure import Instr, Loop
+        from plena.emu_jax.structure import Const, Instr, Loop
 
-        if isinstance(it, Instr):
+        if isinstance(it, Const):
+            for pc in range(it.pc, it.end):
+                self.s.exec(pc)
+        elif isinstance(it, Instr):
             self.s.exec(it.pc)
         elif isinstance(it, Loop):
             self.loop(it, depth + 1)
@@ -407,12 +414,13 @@ class _Structured:
 
 
 def _flat(snap):
-    gp, a_hi, a_lo, scale, stride = snap
-    return [*gp, *a_hi, *a_lo, scale, stride]
+    """A snapshot as one list (the register slots of :data:`plena.emu_jax.structure.REG_SLOTS`)."""
+    gp, a_hi, a_lo, scale, stride, vmask = snap
+    return [*gp, *a_hi, *a_lo, scale, stride, vmask]
 
 
 def _unflat(vals):
-    return (vals[:16], vals[16:32], vals[32:48], vals[48], vals[49])
+    return (vals[:16], vals[16:32], vals[32:48], vals[48], vals[49], vals[50])
 
 
 def plan_program(prog: DecodedProgram, cfg: PlenaConfig, intsram=None, *, max_dynamic: int = 20_000_000,

@@ -28,6 +28,8 @@ from plena.isa.opcodes import BY_MNEMONIC, OPCODES, Role
 
 _OP = {m: s.code for m, s in BY_MNEMONIC.items()}
 LOOP_START, LOOP_END, BREAK = _OP["C_LOOP_START"], _OP["C_LOOP_END"], _OP["C_BREAK"]
+LUI = _OP["S_LUI_INT"]
+M32 = 0xFFFFFFFF
 #: opcodes that write gp[rd]
 GP_WRITERS = frozenset(_OP[m] for m in ("S_ADD_INT", "S_ADDI_INT", "S_SUB_INT", "S_MUL_INT", "S_LUI_INT",
                                         "S_LD_INT", "C_LOOP_START"))
@@ -85,7 +87,39 @@ class Repeat:
     sig: int
 
 
-Item = Union[Instr, Loop, Repeat]
+@dataclasses.dataclass(frozen=True)
+class Const:
+    """``gp[reg] = value`` written by the instructions at pcs ``[pc, end)``, one of the
+    compilers' constant idioms (spec §3.4): ``S_ADDI_INT gX, gp0, v`` (while no instruction
+    writes gp0, which then stays 0), ``S_LUI_INT gX, hi``, or ``S_LUI_INT gX, hi`` followed by
+    ``S_ADDI_INT gX, gX, lo``. All of them have the signature ("K", reg) and the value as
+    operand, so code that loads small and large constants still folds and shares code."""
+
+    pc: int
+    end: int
+    reg: int
+    value: int
+    sig: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Regs:
+    """Register-only instructions at pcs ``[pc, end)`` whose results are known before the
+    run (:mod:`plena.emu_jax.regfold`), replaced by the register values they leave:
+    ``values[i]`` for every register slot ``i`` of :data:`REG_SLOTS` they write (None for
+    the others). Signature ("G",), whatever the registers: one compiled form for all."""
+
+    pc: int
+    end: int
+    values: tuple
+    sig: int
+
+
+#: register slots a Regs item may set: gp0..15, a_hi0..15, a_lo0..15, scale, stride, vmask
+REG_SLOTS = 51
+
+
+Item = Union[Instr, Loop, Repeat, Const, Regs]
 
 
 class Signatures:
@@ -128,9 +162,19 @@ def parse(prog: DecodedProgram, sigs: Signatures | None = None, *, lanes: bool =
     ``lanes``: whether loops may get "VL" signatures (see :func:`loop_key`)."""
     sigs = sigs or Signatures(lanes)
     ops, rds, imm22 = prog.opcode.tolist(), prog.rd.tolist(), prog.imm22.tolist()
+    rs1s, imm18 = prog.rs1.tolist(), prog.imm18.tolist()
+    gp0_zero = not any(op in GP_WRITERS and rd == 0 for op, rd in zip(ops, rds))
     stack: list = [(None, [])]  # (open loop: (start, reg), items)
+    skip_to = 0
     for pc, op in enumerate(ops):
-        if op == LOOP_START:
+        if pc < skip_to:  # the S_ADDI_INT of an S_LUI_INT pair
+            continue
+        const = _constant(ops, rds, rs1s, imm18, imm22, pc, gp0_zero)
+        if const is not None:
+            end, value = const
+            skip_to = end
+            stack[-1][1].append(Const(pc, end, rds[pc], value, sigs(("K", rds[pc]))))
+        elif op == LOOP_START:
             if imm22[pc] == 0:
                 raise Malformed(f"pc {pc}: loop count 0")
             stack.append(((pc, rds[pc]), []))
@@ -154,7 +198,25 @@ def parse(prog: DecodedProgram, sigs: Signatures | None = None, *, lanes: bool =
     return stack[0][1], sigs
 
 
+def _constant(ops, rds, rs1s, imm18, imm22, pc: int, gp0_zero: bool):
+    """(end pc, value) when the instruction at pc starts a :class:`Const` idiom, else None."""
+    op, rd = ops[pc], rds[pc]
+    if op == ADDI and rs1s[pc] == 0 and gp0_zero:
+        return pc + 1, imm18[pc]
+    if op != LUI:
+        return None
+    hi = (imm22[pc] << 12) & M32
+    nxt = pc + 1
+    if nxt < len(ops) and ops[nxt] == ADDI and rds[nxt] == rd and rs1s[nxt] == rd:
+        return nxt + 1, (hi + imm18[nxt]) & M32
+    return nxt, hi
+
+
 def _writes_gp(prog: DecodedProgram, item: Item, reg: int) -> bool:
+    if isinstance(item, Const):
+        return item.reg == reg
+    if isinstance(item, Regs):
+        return item.values[reg] is not None
     if isinstance(item, Instr):
         return int(prog.opcode[item.pc]) in GP_WRITERS and int(prog.rd[item.pc]) == reg
     if isinstance(item, Loop):
@@ -238,8 +300,17 @@ def _reroll_inside(item: Item, sigs: Signatures, passes: int) -> Item:
 
 # ------------------------------------------------------------------------------------------
 # operands
+def _i32(v: int) -> int:
+    """A u32 value as the int32 operand with the same bits."""
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
 def operands(item: Item, prog: DecodedProgram) -> list:
     """The run-time operands of an item, in emission order (see :func:`operand_count`)."""
+    if isinstance(item, Const):
+        return [_i32(item.value)]
+    if isinstance(item, Regs):  # which slots are set, then their values
+        return [int(v is not None) for v in item.values] + [_i32(v or 0) for v in item.values]
     if isinstance(item, Instr):
         return [item.pc, int(prog.imm18[item.pc]), int(prog.imm22[item.pc])]
     if isinstance(item, Loop):
@@ -256,11 +327,11 @@ def operands(item: Item, prog: DecodedProgram) -> list:
 
 def signature_tree(items: list, sigs: Signatures) -> tuple:
     """A hashable description of the emitted code (cache key of a compiled program)."""
-    return tuple(sigs.keys[it.sig] if isinstance(it, Instr) else _sig_tree(it, sigs) for it in items)
+    return tuple(_sig_tree(it, sigs) for it in items)
 
 
 def _sig_tree(item: Item, sigs: Signatures):
-    if isinstance(item, Instr):
+    if isinstance(item, (Instr, Const, Regs)):
         return sigs.keys[item.sig]
     if isinstance(item, Loop):
         return loop_key(item.reg, item.count, tuple(_sig_tree(it, sigs) for it in item.body), sigs.lanes)

@@ -67,7 +67,7 @@ def _flat(body: tuple):
     is not supported."""
     out = []
     for key in body:
-        if key[0] == "I":
+        if key[0] in ("I", "K"):  # an instruction, a constant
             out.append(key)
         elif key[0] in ("LV", "VL"):
             _, reg, n, inner = key
@@ -88,7 +88,7 @@ def lanes_of(count: int, body: tuple) -> int:
 
 def _regs(key):
     """(gp read, gp written, fp read, fp written) of one key."""
-    if key[0] == "C":
+    if key[0] in ("C", "K"):
         return set(), {key[1]}, set(), set()
     _, op, rd, rs1, rs2, rs3, _f = key
     spec = OPCODES[op]
@@ -173,7 +173,7 @@ def _increments(body: tuple, ops, regs: frozenset):
         if key[0] == "I":
             if _self_increment(key) and key[2] in regs:
                 step = step.at[key[2]].add(ops[off + 1].astype(U32))
-        else:  # LV / VL: trip count in the signature
+        elif key[0] in ("LV", "VL"):  # trip count in the signature
             step = step + U32(key[2]) * _increments(key[3], ops[off + 3: off + n], regs)
         off += n
     return step
@@ -185,32 +185,33 @@ def _increments(body: tuple, ops, regs: frozenset):
 
 class LaneMemory:
     """VRAM/MRAM seen by one iteration: the state before the loop plus what this iteration
-    wrote, with every VRAM read recorded (except a write's own read-modify-write).
+    wrote, with every VRAM read recorded (M_MM_WO reads nothing: see :class:`_ZeroRows`).
 
-    Writes are kept in order as ``(row, col0, data)``: whole rows (vector ops; col0 = 0,
-    VLEN values) and BLEN-wide column spans (M_MM_WO)."""
+    Writes are kept in order as ``(rows, col0, data)`` with ``rows`` i32[n] and ``data``
+    [n, width]: one whole row (vector ops; col0 = 0, VLEN values) or the BLEN rows of an
+    M_MM_WO, each a BLEN-wide column span from col0; a later row of the same entry wins."""
 
     def __init__(self, geo: Geometry, vram, mram):
         self.geo, self.vram, self.mram = geo, vram, mram
-        self.writes: list = []  # (row i32, col0 i32, data [VLEN] or [BLEN])
+        self.writes: list = []  # (rows i32[n], col0 i32, data [n, VLEN] or [n, BLEN])
         self.reads: list = []  # (row i32[n], own bool[n]): rows read; own = whole row written before by this iteration
-        self.recording = True
 
     def vram_rows(self, row, n):
         row = jnp.asarray(row, U32)
         data = memory.rows_window(self.vram, row, n, self.geo.vram_rows)
         rows = row.astype(I32) + jnp.arange(n, dtype=I32)
         own = jnp.zeros(n, bool)
-        for w_row, col0, w_data in self.writes:
-            hit = (rows == w_row) & (w_row < self.geo.vram_rows)
-            if w_data.shape[0] == self.geo.cfg.vlen:
-                data = jnp.where(hit[:, None], w_data[None], data)
-                own = own | hit
-            else:
-                merged = lax.dynamic_update_slice(data, jnp.broadcast_to(w_data, (n,) + w_data.shape), (0, col0))
-                data = jnp.where(hit[:, None], merged, data)
-        if self.recording:
-            self.reads.append((rows, own))
+        for w_rows, col0, w_data in self.writes:
+            for j in range(w_rows.shape[0]):
+                hit = (rows == w_rows[j]) & (w_rows[j] < self.geo.vram_rows)
+                if w_data.shape[1] == self.geo.cfg.vlen:
+                    data = jnp.where(hit[:, None], w_data[j][None], data)
+                    own = own | hit
+                else:
+                    merged = lax.dynamic_update_slice(data, jnp.broadcast_to(w_data[j], (n, w_data.shape[1])),
+                                                      (0, col0))
+                    data = jnp.where(hit[:, None], merged, data)
+        self.reads.append((rows, own))
         return data
 
     def tile_cols(self, tile, c0, width):
@@ -218,6 +219,16 @@ class LaneMemory:
 
     def tile_rows(self, tile, r0, n):
         return memory.tile_rows(self.geo, _Mram(self.mram), tile, r0, n)
+
+
+class _ZeroRows:
+    """A VRAM view that reads zeros (rows whose contents the instruction does not keep)."""
+
+    def __init__(self, geo: Geometry, dtype):
+        self.geo, self.dtype = geo, dtype
+
+    def vram_rows(self, row, n):
+        return jnp.zeros((n, self.geo.cfg.vlen), self.dtype)
 
 
 class _Mram:
@@ -241,25 +252,40 @@ def _lane_instr(geo: Geometry, key, o, st: MachineState, mem: LaneMemory, err, e
     fn = dispatch.IMPLEMENTATIONS[spec.mnemonic]
     f = Fields.of_key(key, o[1], o[2])
     nsub = int(dispatch.micro_steps(geo.cfg)[op])
+    if op == MM_WO:
+        return _lane_mm_wo(geo, fn, f, pc, nsub, st, mem, err, err_pc)
     for sub in range(nsub):
         view = st._replace(pc=pc, sub=jnp.int32(sub), vram=mem, mram=mem)
-        if mem is None:  # scalar work around a nested loop
-            eff = fn(geo, view, f)
-        else:
-            mem.recording = op != MM_WO  # M_MM_WO reads its row only to merge its columns in
-            eff = fn(geo, view, f)
-            mem.recording = True
+        eff = fn(geo, view, f)
         ok = eff.err == 0
-        row = jnp.where(ok, eff.vram_row, geo.vram_rows).astype(I32)
-        if op == MM_WO:
-            col0 = _wo_column(geo, view, f)
-            mem.writes.append((row, col0, lax.dynamic_slice(eff.vram_data, (col0,), (geo.cfg.blen,))))
-        elif spec.mnemonic in ELEMENTWISE:
-            mem.writes.append((row, jnp.int32(0), eff.vram_data))
+        if spec.mnemonic in ELEMENTWISE:
+            row = jnp.where(ok, eff.vram_row, geo.vram_rows).astype(I32)
+            mem.writes.append((row[None], jnp.int32(0), eff.vram_data[None]))
         first = (err == 0) & ~ok
         err, err_pc = jnp.where(first, eff.err, err), jnp.where(first, pc, err_pc)
         st = st._replace(gp=eff.gp, fp=eff.fp, m_acc=eff.m_acc)
     return st, err, err_pc
+
+
+def _lane_mm_wo(geo: Geometry, fn, f: Fields, pc, nsub: int, st: MachineState, mem: LaneMemory, err, err_pc):
+    """M_MM_WO in a lane: its BLEN rows at once, kept as one entry of BLEN column spans.
+    It reads its rows only to merge the new columns in, and a lane keeps just those columns,
+    so it reads zeros (:class:`_ZeroRows`) instead of the lane's memory."""
+    source = _ZeroRows(geo, mem.vram.dtype)
+    col0 = _wo_column(geo, st, f)
+
+    def row(sub):
+        eff = fn(geo, st._replace(pc=pc, sub=sub, vram=source, mram=source), f)
+        return eff.vram_row, lax.dynamic_slice(eff.vram_data, (col0,), (geo.cfg.blen,)), eff.err, eff.m_acc
+
+    rows, data, errs, accs = jax.vmap(row)(jnp.arange(nsub, dtype=I32))
+    ok = errs == 0
+    mem.writes.append((jnp.where(ok, rows, geo.vram_rows).astype(I32), col0, data))
+    bad = ~ok
+    first = (err == 0) & jnp.any(bad)
+    err, err_pc = jnp.where(first, errs[jnp.argmax(bad)], err), jnp.where(first, pc, err_pc)
+    # the last row clears the accumulator (when every row succeeded; else the run fails)
+    return st._replace(m_acc=accs[-1]), err, err_pc
 
 
 def _uses_acc(body: tuple) -> bool:
@@ -279,28 +305,36 @@ def _start(st: MachineState, reg: int, count: int, body: tuple, body_ops, k) -> 
 
 def _writes(geo: Geometry, writes: list, vram_dtype):
     """One iteration's writes as (whole rows, column spans), each (row, [col0,] data, mask,
-    live): mask = the elements no later write of the same iteration replaces."""
+    live) with one entry per row: mask = the elements no later write of the same iteration
+    replaces."""
     vlen, blen = geo.cfg.vlen, geo.cfg.blen
     masks = []
-    for i, (row, col0, data) in enumerate(writes):
-        cols = col0 + jnp.arange(data.shape[0], dtype=I32)
-        mask = jnp.ones(data.shape[0], bool)
-        for row_j, col0_j, data_j in writes[i + 1:]:
-            mask = mask & ~((row_j == row) & (cols >= col0_j) & (cols < col0_j + data_j.shape[0]))
-        masks.append(mask)
+    for i, (rows, col0, data) in enumerate(writes):
+        n, width = data.shape
+        cols = col0 + jnp.arange(width, dtype=I32)
+        covered = jnp.zeros((n, width), bool)
+        if n > 1:  # a later row of the same entry (same columns) on the same row
+            later = (rows[:, None] == rows[None, :]) & (jnp.arange(n)[:, None] < jnp.arange(n)[None, :])
+            covered = covered | jnp.any(later, 1)[:, None]
+        for rows_j, col0_j, data_j in writes[i + 1:]:
+            same_row = jnp.any(rows[:, None] == rows_j[None, :], 1)
+            in_cols = (cols >= col0_j) & (cols < col0_j + data_j.shape[1])
+            covered = covered | (same_row[:, None] & in_cols[None, :])
+        masks.append(~covered)
 
     def group(width, whole):  # (a span as wide as a row is a whole row)
-        ws = [(w, m) for w, m in zip(writes, masks) if (w[2].shape[0] == vlen) == whole]
+        ws = [(w, m) for w, m in zip(writes, masks) if (w[2].shape[1] == vlen) == whole]
         if not ws:
             return jnp.zeros(0, I32), jnp.zeros(0, I32), jnp.zeros((0, width), vram_dtype), jnp.zeros((0, width), bool)
-        return (jnp.stack([w[0] for w, _ in ws]), jnp.stack([jnp.asarray(w[1], I32) for w, _ in ws]),
-                jnp.stack([w[2] for w, _ in ws]), jnp.stack([m for _, m in ws]))
+        return (jnp.concatenate([w[0] for w, _ in ws]),
+                jnp.concatenate([jnp.full(w[0].shape, w[1], I32) for w, _ in ws]),
+                jnp.concatenate([w[2] for w, _ in ws]), jnp.concatenate([m for _, m in ws]))
 
     w_row, _, w_data, w_mask = group(vlen, True)
     s_row, s_col, s_data, s_mask = group(blen, False)
     live = lambda row, mask: (row < geo.vram_rows) & jnp.any(mask, -1)  # noqa: E731
     groups = ((w_row, w_data, w_mask, live(w_row, w_mask)), (s_row, s_col, s_data, s_mask, live(s_row, s_mask)))
-    rows = jnp.stack([w[0] for w in writes]) if writes else jnp.zeros(0, I32)
+    rows = jnp.concatenate([w[0] for w in writes]) if writes else jnp.zeros(0, I32)
     return groups, jnp.where((rows >= 0) & (rows < geo.vram_rows), rows, -1)
 
 
@@ -319,6 +353,9 @@ def _lane(geo: Geometry, reg: int, body: tuple, body_ops, count: int, st: Machin
         off += n
         if key[0] == "I":
             s, err, err_pc = _lane_instr(geo, key, o, s, mem, err, err_pc)
+            continue
+        if key[0] == "K":
+            s = s._replace(gp=s.gp.at[key[1]].set(o[0].astype(U32)))
             continue
         _, lreg, times, inner = key  # an LV K-chunk loop, unrolled
         s = s._replace(gp=s.gp.at[lreg].set(o[1].astype(U32)))
@@ -366,6 +403,8 @@ def _lanes(geo: Geometry, sig, ops, st: MachineState):
                 s, err, err_pc = _lane_instr(geo, key, o, s, None, jnp.int32(0), jnp.int32(0))
                 errs.append(err[None])
                 pcs.append(err_pc[None])
+            elif key[0] == "K":
+                s = s._replace(gp=s.gp.at[key[1]].set(o[0].astype(U32)))
             else:
                 (gp, fp, m_acc), *inner, err, err_pc = _lanes(geo, key, o, s)
                 s = s._replace(gp=gp.at[key[1]].set(jnp.uint32(0)), fp=fp, m_acc=m_acc)
