@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.custom_batching import custom_vmap
 
 __all__ = ["add", "sub", "mul", "maximum", "minimum", "greater", "max_reduce", "scale_up_exact",
            "scale_down_exact"]
@@ -97,40 +96,12 @@ def scale_down_exact(s, k):
     return _float(jnp.where(normal, b - (k << 23).astype(_U) * (ef < 255), (b & _SIGN) | q))
 
 
-def whole_batch(fn):
-    """``fn`` (elementwise over its broadcast arguments) made to see the whole batch under
-    ``vmap``: vmapped, it runs once on the batched arrays (unbatched arguments broadcast to
-    them). A ``lax.cond`` in it then decides once for the whole batch, where vmap would turn
-    it into a select that computes both sides for every element."""
-    cv = custom_vmap(fn)
-
-    @cv.def_vmap
-    def _rule(axis_size, in_batched, *args):
-        shapes = [jnp.shape(a)[1:] if b else jnp.shape(a) for a, b in zip(args, in_batched)]
-        out = np.broadcast_shapes(*shapes)
-        full = []
-        for a, b, shape in zip(args, in_batched, shapes):
-            if b:  # batch axis first, then the element axes aligned to the right
-                a = jnp.reshape(a, (axis_size,) + (1,) * (len(out) - len(shape)) + tuple(shape))
-            full.append(jnp.broadcast_to(a, (axis_size,) + tuple(out)))
-        return cv(*full), True
-
-    return cv
-
-
-def _exact_where_needed(needed, exact, plain):
-    """``where(needed, exact(), plain)``, computing ``exact()`` only when some element needs it
-    (the common case, no tiny operands, costs the plain operation and the test)."""
-    return lax.cond(jnp.any(needed), lambda: jnp.where(needed, exact(), plain), lambda: plain)
-
-
-@whole_batch
 def _add_impl(a, b):
     a, b = _operands(a, b)
     ba, bb = _bits(a), _bits(b)
     tiny = ((ba & _MAG) < _TINY) & ((bb & _MAG) < _TINY)
-    return _exact_where_needed(tiny, lambda: scale_down_exact(scale_up_exact(a, _K) + scale_up_exact(b, _K), _K),
-                               a + b)
+    slow = scale_down_exact(scale_up_exact(a, _K) + scale_up_exact(b, _K), _K)
+    return jnp.where(tiny, slow, a + b)
 
 
 @jax.custom_jvp
@@ -205,31 +176,23 @@ def _mul_exact(a_mag, b_mag):
     return jnp.where(u > 127, _INF, jnp.where(u >= -126, normal, tiny))
 
 
-@whole_batch
-def _mul_impl(a, b):
-    a, b = _operands(a, b)
-    ba, bb = _bits(a), _bits(b)
-    am, bm = ba & _MAG, bb & _MAG
-    sub_a, sub_b = (am != 0) & (am < _MIN_NORMAL), (bm != 0) & (bm < _MIN_NORMAL)
-    finite_nz = (am != 0) & (bm != 0) & (am < _INF) & (bm < _INF)
-    exp_sum = (am >> np.uint32(23)).astype(jnp.int32) + (bm >> np.uint32(23)).astype(jnp.int32)
-    slow_needed = finite_nz & (sub_a | sub_b | (exp_sum < 127 + 3))  # product exponent near or below the normal range
-    inf_times_sub = ((am == _INF) & sub_b) | ((bm == _INF) & sub_a)
-
-    def exact():
-        sign = (ba ^ bb) & _SIGN
-        safe_a = jnp.where(slow_needed, am, np.uint32(0x3F800000))
-        safe_b = jnp.where(slow_needed, bm, np.uint32(0x3F800000))
-        out = jnp.where(slow_needed, _float(sign | _mul_exact(safe_a, safe_b)), a * b)
-        return jnp.where(inf_times_sub, _float(sign | _INF), out)
-
-    return _exact_where_needed(slow_needed | inf_times_sub, exact, a * b)
-
-
 @jax.custom_jvp
 def mul(a, b):
     """IEEE f32 ``a * b`` (subnormal operands and results kept)."""
-    return _mul_impl(a, b)
+    a, b = _operands(a, b)
+    ba, bb = _bits(a), _bits(b)
+    am, bm = ba & _MAG, bb & _MAG
+    sign = (ba ^ bb) & _SIGN
+    finite_nz = (am != 0) & (bm != 0) & (am < _INF) & (bm < _INF)
+    sub_a, sub_b = (am != 0) & (am < _MIN_NORMAL), (bm != 0) & (bm < _MIN_NORMAL)
+    exp_sum = (am >> np.uint32(23)).astype(jnp.int32) + (bm >> np.uint32(23)).astype(jnp.int32)
+    slow_needed = finite_nz & (sub_a | sub_b | (exp_sum < 127 + 3))  # product exponent near or below the normal range
+    safe_a = jnp.where(slow_needed, am, np.uint32(0x3F800000))
+    safe_b = jnp.where(slow_needed, bm, np.uint32(0x3F800000))
+    slow = _float(sign | _mul_exact(safe_a, safe_b))
+    inf_times_sub = ((am == _INF) & sub_b) | ((bm == _INF) & sub_a)
+    out = jnp.where(slow_needed, slow, a * b)
+    return jnp.where(inf_times_sub, _float(sign | _INF), out)
 
 
 @mul.defjvp
