@@ -241,6 +241,45 @@ def test_random_programs_identical_to_interpreter(src, seed):
     assert_same(a, b)
 
 
+def _schedule(src, **kw):
+    from plena.emu_jax import dispatch
+
+    p = api.load_program(prog(src))
+    items, sigs = structure.parse(p)
+    items = structure.reroll(items, sigs)
+    return fast.schedule(items, p, sigs, micro=dispatch.micro_steps(CFG), **kw)
+
+
+def _kinds(steps):
+    return ["interp" if isinstance(s, fast.Interp) else "block" for s in steps]
+
+
+def test_schedule_weighs_interpreter_cost_in_micro_steps():
+    """An instruction run once is compiled when the interpreter would run enough micro-steps
+    for it (H_PREFETCH_M: MLEN rows), not when it is one cheap step (V_ADD_VV)."""
+    assert _kinds(_schedule(["H_PREFETCH_M gp1, gp2, a0, 1, 0"], hot=32)) == ["block"]
+    assert _kinds(_schedule(["V_ADD_VV gp1, gp2, gp2, 0"], hot=32)) == ["interp"]
+    assert _kinds(_schedule(["H_PREFETCH_M gp1, gp2, a0, 1, 0"], hot=CFG.hbm_m_prefetch_amount + 1)) == ["interp"]
+
+
+def test_schedule_joins_short_cold_runs_and_starts_blocks_at_large_items():
+    """A short cold run between hot loops is compiled with them (no interpreter step); a
+    longer one, or any with absorb=0, stays on the interpreter; an item of at least ``unit``
+    instructions starts a block of its own."""
+    hot_loop = ["C_LOOP_START gp3, 64", "V_ADD_VV gp1, gp2, gp2, 0", "S_ADDI_INT gp1, gp1, 64", "C_LOOP_END gp3"]
+    short, long_ = ["S_LD_FP f1, gp0, 1", "S_LD_FP f2, gp0, 2"], [f"S_LD_FP f{r}, gp0, {r}" for r in (1, 2, 3)]
+    assert _kinds(_schedule(hot_loop + short + hot_loop)) == ["block"]
+    assert _kinds(_schedule(hot_loop + short + hot_loop, absorb=0)) == ["block", "interp", "block"]
+    assert _kinds(_schedule(hot_loop + long_ + hot_loop)) == ["block", "interp", "block"]
+    big_loop = ["C_LOOP_START gp3, 64", *[f"V_ADD_VV gp1, gp2, gp{r}, 0" for r in (2, 4, 5, 6, 7, 8, 9, 10)],
+                "S_ADDI_INT gp1, gp1, 64", "C_LOOP_END gp3"]  # 9 instructions
+    steps = _schedule(hot_loop + big_loop + hot_loop, unit=8)  # the small loop after it joins it
+    assert _kinds(steps) == ["block", "block"] and [len(s.sig) for s in steps] == [1, 2]
+    assert _kinds(_schedule(hot_loop + big_loop + hot_loop, unit=0)) == ["block"]
+    a, b = run_both(prog(hot_loop + short + hot_loop))
+    assert_same(a, b)
+
+
 def test_error_inside_a_compiled_loop_reports_the_interpreters_pc():
     src = [li(1, 0), "C_LOOP_START gp2, 5", "V_ADD_VV gp1, gp1, gp1, 0", "S_ADDI_INT gp1, gp1, 96",
            "C_LOOP_END gp2"]  # the second iteration's address is not a multiple of VLEN

@@ -278,8 +278,8 @@ MAX_BLOCK = 48  #: most instructions one compiled block may emit (compile time g
 #: attention and norm code of a decoder layer too: on the small 8-layer decoder the
 #: interpreter's share fell from 44,366 to 1,820 dynamic instructions for 12 % more emitted code
 HOT = 32
-#: a cold item of at most this many instructions between two hot ones inside a repeat is
-#: compiled with them (shared by the copies) instead of splitting them by an interpreter step
+#: cold items of at most this many instructions in all between two hot ones are compiled with
+#: them instead of splitting them by an interpreter step
 ABSORB = 2
 #: a hot item of at least this many instructions starts a block (with the small items after
 #: it), so that every occurrence of it compiles to the same block
@@ -385,14 +385,14 @@ def schedule(items: list, prog: DecodedProgram, sigs: structure.Signatures, *, m
         hot_ = [None if t else reps * _work(it, sigs, micro) >= hot * _size(it) for it, t in zip(its, trivial)]
         real = [i for i, t in enumerate(trivial) if not t]
         j = 0
-        while j < len(real):  # a short cold run between hot items inside a repeat joins them
+        while j < len(real):  # a short cold run between hot items joins them
             if hot_[real[j]]:
                 j += 1
                 continue
             k = j
             while k < len(real) and not hot_[real[k]]:
                 k += 1
-            if reps > 1 and 0 < j and k < len(real) and sum(_size(its[real[x]]) for x in range(j, k)) <= absorb:
+            if 0 < j and k < len(real) and sum(_size(its[real[x]]) for x in range(j, k)) <= absorb:
                 for x in range(j, k):
                     hot_[real[x]] = True
             j = k
