@@ -160,22 +160,33 @@ def induction_registers(reg: int, body: tuple) -> frozenset:
     return frozenset(r for r, good in ok.items() if good and r != reg)
 
 
+def _body_items(body: tuple, ops):
+    """(key, operands) of each item of a loop body, in order."""
+    from plena.emu_jax.fast import operand_count  # (fast imports this module)
+
+    off = 0
+    for key in body:
+        n = operand_count(key)
+        yield key, ops[off: off + n]
+        off += n
+
+
+def _set_constant(st: MachineState, key, o) -> MachineState:
+    """A ("K", reg) item: gp[reg] = its operand."""
+    return st._replace(gp=st.gp.at[key[1]].set(o[0].astype(U32)))
+
+
 def _increments(body: tuple, ops, regs: frozenset):
     """u32[16]: how far one iteration of ``body`` (operands ``ops``) moves each register in
     ``regs`` (their self-increments' immediates, times the trip counts of the loops around
     them)."""
-    from plena.emu_jax.fast import operand_count  # (fast imports this module)
-
     step = jnp.zeros(16, U32)
-    off = 0
-    for key in body:
-        n = operand_count(key)
+    for key, o in _body_items(body, ops):
         if key[0] == "I":
             if _self_increment(key) and key[2] in regs:
-                step = step.at[key[2]].add(ops[off + 1].astype(U32))
+                step = step.at[key[2]].add(o[1].astype(U32))
         elif key[0] in ("LV", "VL"):  # trip count in the signature
-            step = step + U32(key[2]) * _increments(key[3], ops[off + 3: off + n], regs)
-        off += n
+            step = step + U32(key[2]) * _increments(key[3], o[3:], regs)
     return step
 
 
@@ -341,21 +352,15 @@ def _writes(geo: Geometry, writes: list, vram_dtype):
 def _lane(geo: Geometry, reg: int, body: tuple, body_ops, count: int, st: MachineState, k):
     """One iteration from the state before the loop: (registers after it, its writes, every
     row it wrote, its reads, error)."""
-    from plena.emu_jax.fast import operand_count  # (fast imports this module)
-
     s = _start(st, reg, count, body, body_ops, k)
     mem = LaneMemory(geo, st.vram, st.mram)
     err, err_pc = jnp.int32(0), jnp.int32(0)
-    off = 0
-    for key in body:
-        n = operand_count(key)
-        o = body_ops[off: off + n]
-        off += n
+    for key, o in _body_items(body, body_ops):
         if key[0] == "I":
             s, err, err_pc = _lane_instr(geo, key, o, s, mem, err, err_pc)
             continue
         if key[0] == "K":
-            s = s._replace(gp=s.gp.at[key[1]].set(o[0].astype(U32)))
+            s = _set_constant(s, key, o)
             continue
         _, lreg, times, inner = key  # an LV K-chunk loop, unrolled
         s = s._replace(gp=s.gp.at[lreg].set(o[1].astype(U32)))
@@ -377,8 +382,6 @@ def _lanes(geo: Geometry, sig, ops, st: MachineState):
     """Every iteration of the loop ``sig`` (and of a nested VL loop in it) as a lane, from the
     state ``st`` before it: ((gp, fp, m_acc) after the last iteration, writes, all written
     rows, reads, errors, their pcs), the per-lane arrays in iteration order."""
-    from plena.emu_jax.fast import operand_count
-
     _, reg, count, body = sig
     body_ops = ops[3:]
     ks = jnp.arange(count, dtype=I32)
@@ -394,17 +397,13 @@ def _lanes(geo: Geometry, sig, ops, st: MachineState):
     def outer(k):  # scalar work around one nested VL loop, whose lanes this iteration holds
         s = _start(st, reg, count, body, body_ops, k)
         errs, pcs, inner = [], [], None
-        off = 0
-        for key in body:
-            n = operand_count(key)
-            o = body_ops[off: off + n]
-            off += n
+        for key, o in _body_items(body, body_ops):
             if key[0] == "I":
                 s, err, err_pc = _lane_instr(geo, key, o, s, None, jnp.int32(0), jnp.int32(0))
                 errs.append(err[None])
                 pcs.append(err_pc[None])
             elif key[0] == "K":
-                s = s._replace(gp=s.gp.at[key[1]].set(o[0].astype(U32)))
+                s = _set_constant(s, key, o)
             else:
                 (gp, fp, m_acc), *inner, err, err_pc = _lanes(geo, key, o, s)
                 s = s._replace(gp=gp.at[key[1]].set(jnp.uint32(0)), fp=fp, m_acc=m_acc)
