@@ -264,19 +264,36 @@ def test_schedule_weighs_interpreter_cost_in_micro_steps():
 
 def test_schedule_joins_short_cold_runs_and_starts_blocks_at_large_items():
     """A short cold run between hot loops is compiled with them (no interpreter step); a
-    longer one, or any with absorb=0, stays on the interpreter; an item of at least ``unit``
-    instructions starts a block of its own."""
+    longer one, or any with absorb=0, stays on the interpreter (cold_max=0: not compiled
+    because it is small in all); an item of at least ``unit`` instructions starts a block of
+    its own."""
     hot_loop = ["C_LOOP_START gp3, 64", "V_ADD_VV gp1, gp2, gp2, 0", "S_ADDI_INT gp1, gp1, 64", "C_LOOP_END gp3"]
     short, long_ = ["S_LD_FP f1, gp0, 1", "S_LD_FP f2, gp0, 2"], [f"S_LD_FP f{r}, gp0, {r}" for r in (1, 2, 3)]
     assert _kinds(_schedule(hot_loop + short + hot_loop)) == ["block"]
-    assert _kinds(_schedule(hot_loop + short + hot_loop, absorb=0)) == ["block", "interp", "block"]
-    assert _kinds(_schedule(hot_loop + long_ + hot_loop)) == ["block", "interp", "block"]
+    assert _kinds(_schedule(hot_loop + short + hot_loop, absorb=0, cold_max=0)) == ["block", "interp", "block"]
+    assert _kinds(_schedule(hot_loop + long_ + hot_loop, cold_max=0)) == ["block", "interp", "block"]
     big_loop = ["C_LOOP_START gp3, 64", *[f"V_ADD_VV gp1, gp2, gp{r}, 0" for r in (2, 4, 5, 6, 7, 8, 9, 10)],
                 "S_ADDI_INT gp1, gp1, 64", "C_LOOP_END gp3"]  # 9 instructions
     steps = _schedule(hot_loop + big_loop + hot_loop, unit=8)  # the small loop after it joins it
     assert _kinds(steps) == ["block", "block"] and [len(s.sig) for s in steps] == [1, 2]
     assert _kinds(_schedule(hot_loop + big_loop + hot_loop, unit=0)) == ["block"]
     a, b = run_both(prog(hot_loop + short + hot_loop))
+    assert_same(a, b)
+
+
+def test_schedule_compiles_little_cold_code_with_the_blocks():
+    """When blocks are made anyway and the cold code is at most ``cold_max`` instructions in
+    all, it is compiled too (no interpreter to compile); more cold code, or a program without
+    hot code, stays on the interpreter."""
+    hot_loop = ["C_LOOP_START gp3, 64", "V_ADD_VV gp1, gp2, gp2, 0", "S_ADDI_INT gp1, gp1, 64", "C_LOOP_END gp3"]
+    other_loop = [x.replace("V_ADD_VV", "V_MUL_VV") for x in hot_loop]
+    cold = [f"S_LD_FP f{1 + r % 7}, gp0, {r}" for r in range(6)]
+    src = hot_loop + cold + other_loop + cold
+    assert _kinds(_schedule(src, cold_max=11)) == ["block", "interp", "block", "interp"]
+    steps = _schedule(src, cold_max=12)
+    assert _kinds(steps) == ["block"] and sum(s.size for s in steps) == 2 * 2 + 12  # loop bodies and the cold code
+    assert _kinds(_schedule(cold, cold_max=64)) == ["interp"]
+    a, b = run_both(prog(src))
     assert_same(a, b)
 
 

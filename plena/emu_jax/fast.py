@@ -284,6 +284,10 @@ ABSORB = 2
 #: a hot item of at least this many instructions starts a block (with the small items after
 #: it), so that every occurrence of it compiles to the same block
 UNIT = 8
+#: when the interpreter would run at most this many instructions of a program that also has
+#: compiled blocks, they are compiled too: the interpreter then is not compiled at all (a few
+#: seconds), and each interpreter call costs about 0.5 ms however little it runs
+COLD_MAX = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,7 +344,7 @@ def _work(it, sigs: structure.Signatures, micro) -> int:
 
 
 def schedule(items: list, prog: DecodedProgram, sigs: structure.Signatures, *, max_block: int = MAX_BLOCK,
-             hot: int = HOT, absorb: int = ABSORB, unit: int = UNIT, micro=None) -> list:
+             hot: int = HOT, absorb: int = ABSORB, unit: int = UNIT, cold_max: int = COLD_MAX, micro=None) -> list:
     """Steps that execute ``items`` in order.
 
     An item is *hot* when the reference interpreter would run at least ``hot`` micro-steps
@@ -351,8 +355,20 @@ def schedule(items: list, prog: DecodedProgram, sigs: structure.Signatures, *, m
     compiled :class:`Block` (up to ``max_block`` emitted instructions); cold code runs on the
     reference interpreter (:class:`Interp` ranges). A hot loop too big for one block is driven
     from the host: its counter register is set in the blocks (the pseudo item ("S", reg)) and
-    its body's steps are repeated per iteration."""
+    its body's steps are repeated per iteration. When blocks are made and the cold code is at
+    most ``cold_max`` instructions in all, it is compiled too (everything is hot)."""
     micro = np.ones(64, np.int64) if micro is None else micro
+    kw = dict(max_block=max_block, absorb=absorb, unit=unit, micro=micro)
+    steps = _schedule(items, prog, sigs, hot=hot, **kw)
+    cold = sum(s.hi - s.lo for s in steps if isinstance(s, Interp))
+    if 0 < cold <= cold_max and any(isinstance(s, Block) for s in steps):
+        steps = _schedule(items, prog, sigs, hot=0, **kw)
+    return steps
+
+
+def _schedule(items: list, prog: DecodedProgram, sigs: structure.Signatures, *, max_block: int, hot: int,
+              absorb: int, unit: int, micro) -> list:
+    """:func:`schedule` for one hotness threshold."""
     out: list = []
     group: list = []  # (signature, operands, size, dynamic instructions)
 
