@@ -361,16 +361,12 @@ def _mx_decode(xp, elem_codes, scale_codes, fmt: MxFormat):
 
 
 def _apply_scale(xp, elem, scale):
-    """IEEE f32 ``elem * scale`` (broadcasting) without FTZ/DAZ: exact on the bits for
-    power-of-two scales, a plain multiply otherwise."""
-    ebits, sbits = _bits(xp, elem), _bits(xp, scale)
-    s_exp = ((sbits >> _u32(xp, 23)) & _u32(xp, 0xFF)).astype(xp.int32)
-    pow2 = ((sbits & _u32(xp, 0x7FFFFF)) == 0) & (s_exp >= 1) & (s_exp <= 254)
-    exact = _float(xp, _ldexp_bits(xp, ebits ^ (sbits & _u32(xp, 0x80000000)), s_exp - 127))
-    # other scales (0, inf, NaN, non-powers of two): an IEEE multiply (numpy keeps subnormals;
-    # jnp through plena.numerics.ieee, since XLA:CPU flushes them)
-    other = ieee.mul(elem, scale) if xp is jnp else elem * scale
-    return xp.where(pow2, exact, other).astype(xp.float32)
+    """IEEE f32 ``elem * scale`` (broadcasting) without FTZ/DAZ: numpy's multiply keeps
+    subnormals; jnp goes through :func:`plena.numerics.ieee.mul` (an exact float64 product
+    rounded once, so power-of-two scales need no path of their own)."""
+    if xp is jnp:
+        return ieee.mul(elem, scale)
+    return (elem * scale).astype(np.float32)
 
 
 def apply_scale(elem, scale) -> jnp.ndarray:
