@@ -60,6 +60,46 @@ def test_batch_equals_sequential_runs(executor):
     assert not np.array_equal(batch.dumps(0).vram, batch.dumps(1).vram)
 
 
+LOAD = "\n".join(SOURCE.strip().splitlines()[:4])  # 4 rows of HBM into VRAM rows 0-3
+INDEPENDENT = """
+S_ADDI_INT gp1, gp0, 0
+S_ADDI_INT gp2, gp0, 256
+C_LOOP_START gp3, 4
+V_EXP_V gp2, gp1, 0
+S_ADDI_INT gp1, gp1, 64
+S_ADDI_INT gp2, gp2, 64
+C_LOOP_END gp3
+"""
+RUNNING_SUM = """
+S_ADDI_INT gp1, gp0, 0
+C_LOOP_START gp3, 3
+S_ADDI_INT gp4, gp1, 64
+V_ADD_VV gp4, gp1, gp4, 0
+S_ADDI_INT gp1, gp1, 64
+C_LOOP_END gp3
+"""
+
+
+@pytest.mark.parametrize("body,prepared", [(INDEPENDENT, [True]), (RUNNING_SUM, [True, False])])
+def test_batch_runs_loops_as_lanes_and_redoes_a_conflict(body, prepared, monkeypatch):
+    """Batched blocks run independent loops as lanes; a loop whose iterations depend on each
+    other (row k + 1 += row k) is redone without lanes (its conflict check reads only the
+    shared addresses, so the conflict is the whole batch's), and every set equals its
+    sequential run."""
+    from plena.emu_jax import fast
+
+    lanes, real = [], fast.prepare
+    monkeypatch.setattr(fast, "prepare", lambda *a, **k: lanes.append(k.get("lanes", True)) or real(*a, **k))
+    words = assemble(LOAD + body)
+    hbms = [_hbm(10 + i) for i in range(3)]
+    batch = run_batch(words, hbm=hbms, hbm_size=4096, executor="fast", fast_options=dict(hot=1))
+    assert lanes == prepared
+    for i, h in enumerate(hbms):
+        want = run(words, hbm=h, hbm_size=4096, executor="interpreter").dumps()
+        np.testing.assert_array_equal(batch.dumps(i).vram, want.vram)
+    assert not np.array_equal(batch.dumps(0).vram, batch.dumps(1).vram)
+
+
 def test_batch_rejects_data_dependent_control():
     words = assemble("V_TOPK gp1, gp2, gp3, 0\nS_LD_INT gp4, gp3, 0\n")
     with pytest.raises(BatchDivergence, match="V_TOPK"):

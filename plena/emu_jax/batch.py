@@ -27,6 +27,7 @@ from plena.emu_jax import fast
 from plena.emu_jax.api import (_COMPILED, _cold_opcodes, check_inputs, finish, use_fast, geometry_for, load_program,
                                program_fields, step_limit)
 from plena.emu_jax.cache import enable_compilation_cache
+from plena.emu_jax.errors import Err
 from plena.emu_jax import dispatch, ops_scalar, ops_vector
 from plena.emu_jax.interpreter import step
 from plena.isa.opcodes import BY_MNEMONIC
@@ -106,6 +107,12 @@ def _shard(st: MachineState, devices) -> MachineState:
                           for name, x in zip(MachineState._fields, st)))
 
 
+def _initial_states(geo, inputs, devices) -> MachineState:
+    st = _stack_states([init_state(geo, hbm_capacity=x.capacity, hbm=x.hbm, fpsram=x.fpsram, intsram=x.intsram,
+                                   vram=x.vram) for x in inputs])
+    return _shard(st, devices) if devices is not None and len(devices) > 1 else st
+
+
 def run_batch(program, cfg: PlenaConfig | None = None, *, hbm: Sequence, fpsram: Sequence | None = None,
               intsram=None, vram: Sequence | None = None, hbm_size: int | None = None,
               devices=None, max_steps: int | None = None, executor: str = "auto",
@@ -128,38 +135,51 @@ def run_batch(program, cfg: PlenaConfig | None = None, *, hbm: Sequence, fpsram:
     geo = geometry_for(prog, cfg, plan, hbm_len=max(len(x.hbm) for x in inputs),
                        vram_len=max(0 if x.vram is None else len(x.vram) for x in inputs),
                        hbm_capacity=inputs[0].capacity)
-    st = _stack_states([init_state(geo, hbm_capacity=x.capacity, hbm=x.hbm, fpsram=x.fpsram, intsram=x.intsram,
-                                   vram=x.vram) for x in inputs])
-    if devices is not None and len(devices) > 1:
-        st = _shard(st, devices)
+    st = _initial_states(geo, inputs, devices)
     fields, n, limit = program_fields(prog, geo), jnp.int32(len(prog)), step_limit(max_steps)
     t0 = time.perf_counter()
     ex = None
-    if use_fast(executor, plan, max_steps):
+
+    def prepare_fast(state, **extra):
         try:
-            # loops never run as lanes here: a conflict would need the whole batch redone
-            ex = fast.prepare(prog, geo, st, batch_axes=state_axes(), intsram=inputs[0].intsram,
-                              **{**(fast_options or {}), "lanes": False})
+            return fast.prepare(prog, geo, state, batch_axes=state_axes(), intsram=inputs[0].intsram,
+                                **{**(fast_options or {}), **extra})
         except ValueError as exc:
             if "out_axes" in str(exc) or "vmap" in str(exc):
                 raise BatchDivergence("the program's control flow depends on tensor data; run the input "
                                       "sets separately") from exc
             raise
-    branches = dispatch.branches_for(_cold_opcodes(prog, ex))  # never V_TOPK (rejected above)
-    key = ("batch", geo, size, None if devices is None else tuple(devices), branches)
-    compiled = _COMPILED.get(key)
-    if compiled is None and (ex is None or any(isinstance(s, fast.Interp) for s in ex.steps)):
-        try:
-            compiled = _COMPILED[key] = run_program_batched.lower(geo, fields, st, n, limit,
-                                                                  branches=branches).compile()
-        except ValueError as exc:  # vmap: an unbatched (control) output became data-dependent
-            if "out_axes" in str(exc) or "vmap" in str(exc):
-                raise BatchDivergence("the program's control flow depends on tensor data "
-                                      "(e.g. V_TOPK results used as addresses); run the input sets "
-                                      "separately") from exc
-            raise
+
+    if use_fast(executor, plan, max_steps):
+        ex = prepare_fast(st)
+
+    def interpreter_for(ex, state):
+        """The batched interpreter with branches for ``ex``'s cold code (None: not needed)."""
+        branches = dispatch.branches_for(_cold_opcodes(prog, ex))  # never V_TOPK (rejected above)
+        key = ("batch", geo, size, None if devices is None else tuple(devices), branches)
+        if key not in _COMPILED and (ex is None or any(isinstance(s, fast.Interp) for s in ex.steps)):
+            try:
+                _COMPILED[key] = run_program_batched.lower(geo, fields, state, n, limit, branches=branches).compile()
+            except ValueError as exc:  # vmap: an unbatched (control) output became data-dependent
+                if "out_axes" in str(exc) or "vmap" in str(exc):
+                    raise BatchDivergence("the program's control flow depends on tensor data "
+                                          "(e.g. V_TOPK results used as addresses); run the input sets "
+                                          "separately") from exc
+                raise
+        return _COMPILED.get(key)
+
+    compiled = interpreter_for(ex, st)
     t1 = time.perf_counter()
-    final = compiled(fields, st, n, limit) if ex is None else fast.execute(ex, compiled, fields, st)
+    if ex is None:
+        final = compiled(fields, st, n, limit)
+    else:
+        final = fast.execute(ex, compiled, fields, st)
+        # loops run as lanes: their conflict check reads addresses only, which the batch shares,
+        # so a conflict is the whole batch's; it is redone without lanes (as api.run does)
+        if int(final.err) == Err.LANE_CONFLICT:
+            st = _initial_states(geo, inputs, devices)
+            ex = prepare_fast(st, lanes=False)
+            final = fast.execute(ex, interpreter_for(ex, st), fields, st)
     jax.block_until_ready(final)
     t2 = time.perf_counter()
     if ex is not None:
