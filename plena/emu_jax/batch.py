@@ -153,11 +153,12 @@ def run_batch(program, cfg: PlenaConfig | None = None, *, hbm: Sequence, fpsram:
     if use_fast(executor, plan, max_steps):
         ex = prepare_fast(st)
 
-    def interpreter_for(ex, state):
-        """The batched interpreter with branches for ``ex``'s cold code (None: not needed)."""
-        branches = dispatch.branches_for(_cold_opcodes(prog, ex))  # never V_TOPK (rejected above)
+    def interpreter_for(executable, state):
+        """The batched interpreter with branches for the cold code of ``executable`` (the fast
+        executor's; None: the whole program), or None when that has no cold code."""
+        branches = dispatch.branches_for(_cold_opcodes(prog, executable))  # never V_TOPK (rejected above)
         key = ("batch", geo, size, None if devices is None else tuple(devices), branches)
-        if key not in _COMPILED and (ex is None or any(isinstance(s, fast.Interp) for s in ex.steps)):
+        if key not in _COMPILED and (executable is None or any(isinstance(s, fast.Interp) for s in executable.steps)):
             try:
                 _COMPILED[key] = run_program_batched.lower(geo, fields, state, n, limit, branches=branches).compile()
             except ValueError as exc:  # vmap: an unbatched (control) output became data-dependent

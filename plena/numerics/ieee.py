@@ -8,10 +8,11 @@ values reach VRAM (``2**-100 * 2**-30`` is the bf16 subnormal ``0x0008``).
 Each function here gives the IEEE result where FTZ/DAZ could change it:
 
 * :func:`add` / :func:`sub`: the plain f32 sum, replaced where both operands are below
-  ``2**-100`` in magnitude. Their sum is then computed scaled by ``2**64`` (subnormal operands scaled through their integer
-  significand), which is exact, and scaled back on the bits. When one operand is at least
-  ``2**-100`` a subnormal other operand is below half its ulp, so DAZ's zero gives the IEEE
-  result; cancellation of two such operands cannot reach the subnormal range (Sterbenz).
+  ``2**-100`` in magnitude. Their sum is then computed scaled by ``2**64`` (subnormal operands
+  scaled through their integer significand), which is exact, and scaled back on the bits.
+  When one operand is at least ``2**-100`` a subnormal other operand is below half its ulp,
+  so DAZ's zero gives the IEEE result; cancellation of two such operands cannot reach the
+  subnormal range (Sterbenz).
 * :func:`mul`: always in float64, which holds the product of two f32 values exactly (no
   float64 subnormal can arise), then rounded once to f32 (round to nearest even; on the
   subnormal grid explicitly, where a convert would flush). Operands reach float64 through
@@ -39,7 +40,6 @@ __all__ = ["add", "sub", "mul", "maximum", "minimum", "greater", "max_reduce", "
 _U = jnp.uint32
 _SIGN = np.uint32(0x80000000)
 _MAG = np.uint32(0x7FFFFFFF)
-_INF = np.uint32(0x7F800000)
 _MIN_NORMAL = np.uint32(0x00800000)
 _TINY = np.uint32((127 - 100) << 23)  # bits of 2**-100
 _K = 64  # scale of the exact add path
