@@ -143,7 +143,7 @@ def test_structured_plan_equals_linear_walk_and_skips_iterations():
 
 # ------------------------------------------------------------------------------------------
 # conformance programs
-CASES = ["aten_linear", "aten_flash_attention_gqa", "moe_combine", "de_h_store", "de_bmm"]
+CASES = ["aten_linear", "aten_flash_attention_gqa", "moe_combine", "de_h_store", "de_bmm", "de_flashattn_decode"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -330,6 +330,30 @@ def test_blocks_never_copy_a_whole_memory():
         copies = [ln for ln in hlo.splitlines()
                   if re.search(r"\bcopy\(", ln) and any(b in ln.split("=")[1][:40] for b in big)]
         assert not copies, copies[:3]
+
+
+def test_batched_head_writeback_does_not_copy_the_accumulator_per_row():
+    """M_BMM_WO writes BA*MLEN rows from the batched-head accumulator (BA x MLEN x MLEN f32).
+    Its rows are computed at once and only the last clears the accumulator: a row loop that
+    carried the accumulator copied it on every row (256 copies of 64 KiB per instruction).
+    Only the hardware loop may carry it."""
+    import re
+
+    from plena.emu_jax.api import geometry_for, load_program
+    from plena.emu_jax.state import init_state
+
+    src = [li(1, 0), li(2, 4096), "C_LOOP_START gp5, 4", "M_BTMM 0, gp0, gp1", "M_BMM_WO gp2, 0",
+           "C_LOOP_END gp5"]
+    p = load_program(prog(src))
+    geo = geometry_for(p, CFG, plan_program(p, CFG), hbm_len=0, vram_len=0, hbm_capacity=1 << 20)
+    ex = fast.prepare(p, geo, init_state(geo, hbm_capacity=1 << 20), hot=1)
+    hlo = "\n".join(ex.compiled[s.sig].as_text() for s in ex.steps if isinstance(s, fast.Block))
+    acc = rf"f32\[{CFG.broadcast_amount},{CFG.mlen},{CFG.mlen}\]"
+    assert re.search(acc, hlo), "the accumulator is not in the HLO: the check would be vacuous"
+    carriers = [ln for ln in hlo.splitlines() if re.search(r" while\(", ln) and re.search(acc, ln.split("while(")[0])]
+    assert len(carriers) == 1, carriers  # the hardware loop only, no per-row loop
+    a, b = run_both(prog(src), fast_options=dict(hot=1), vram=np.arange(64 * 64, dtype=np.uint16) % 977 + 15000)
+    assert_same(a, b)
 
 
 def test_opcode_subset_interpreter():

@@ -67,6 +67,8 @@ HBM_OPS = frozenset({"H_PREFETCH_M", "H_PREFETCH_V", "H_STORE_V"})
 REGISTER_ONLY = frozenset({"S_ADD_INT", "S_ADDI_INT", "S_SUB_INT", "S_MUL_INT", "S_LUI_INT", "S_ADD_FP", "S_SUB_FP",
                            "S_MAX_FP", "S_MUL_FP", "S_EXP_FP", "S_RECI_FP", "S_SQRT_FP", "C_SET_ADDR_REG",
                            "C_SET_SCALE_REG", "C_SET_STRIDE_REG", "C_SET_V_MASK_REG"})
+#: opcodes that write one scalar-SRAM word: (index field, value field, memory)
+ONE_WORD = {"S_ST_FP": ("fps_idx", "fps_val", "fpsram"), "S_ST_INT": ("ints_idx", "ints_val", "intsram")}
 UNROLL_MICRO = 8  # multi-row instructions with at most this many rows are unrolled
 
 
@@ -87,10 +89,17 @@ def _commit(geo: Geometry, name: str, st: MachineState, eff, pc) -> MachineState
     if "hbm" in w:
         hbm = lax.dynamic_update_slice(st.hbm, eff.hbm_e_data, (keep(eff.hbm_e_idx, geo.hbm_bytes),))
         upd["hbm"] = lax.dynamic_update_slice(hbm, eff.hbm_s_data, (keep(eff.hbm_s_idx, geo.hbm_bytes + c.vlen + 64),))
-    if "fpsram" in w:
-        upd["fpsram"] = st.fpsram.at[keep(eff.fps_idx, 1024)].set(eff.fps_val, mode="drop")
-    if "intsram" in w:
-        upd["intsram"] = st.intsram.at[keep(eff.ints_idx, 1024)].set(eff.ints_val, mode="drop")
+    if name in ONE_WORD:  # one word: an in-place update (a scatter stops XLA hoisting the loop)
+        idx_field, val_field, mem = ONE_WORD[name]
+        idx, old = getattr(eff, idx_field)[0], getattr(st, mem)
+        at = jnp.minimum(idx, old.shape[0] - 1)
+        val = jnp.where(ok & (idx < old.shape[0]), getattr(eff, val_field)[0], old[at])
+        upd[mem] = lax.dynamic_update_slice(old, val[None], (at,))
+    else:
+        if "fpsram" in w:
+            upd["fpsram"] = st.fpsram.at[keep(eff.fps_idx, 1024)].set(eff.fps_val, mode="drop")
+        if "intsram" in w:
+            upd["intsram"] = st.intsram.at[keep(eff.ints_idx, 1024)].set(eff.ints_val, mode="drop")
     if name in HBM_OPS:
         upd["hbm_rd_blocks"] = st.hbm_rd_blocks + jnp.where(ok, eff.hbm_rd, 0).astype(jnp.uint32)
         upd["hbm_wr_blocks"] = st.hbm_wr_blocks + jnp.where(ok, eff.hbm_wr, 0).astype(jnp.uint32)
@@ -105,8 +114,12 @@ def _commit(geo: Geometry, name: str, st: MachineState, eff, pc) -> MachineState
 #: multi-row instructions whose rows are independent: no row reads what another row writes.
 #: Their rows are computed together (one vectorised MX decode / encode, one code copy instead
 #: of one per row) and then written in row order, as the interpreter's micro-steps would.
-#: Registers they change (M_MM_WO clears m_acc after its last row) come from the last row.
-ROW_PARALLEL = {"H_PREFETCH_M": (), "H_PREFETCH_V": (), "H_STORE_V": (), "M_MM_WO": ("m_acc",)}
+#: Registers they change (the *_WO opcodes clear their accumulator after the last row) come
+#: from the last row, computed once more on its own (the batched-head accumulator is
+#: BA x MLEN x MLEN: one copy per row, as a row loop or a vmap would carry it, costs more
+#: than the rows).
+ROW_PARALLEL = {"H_PREFETCH_M": (), "H_PREFETCH_V": (), "H_STORE_V": (), "M_MM_WO": ("m_acc",),
+                "M_BMM_WO": ("hm_acc",), "M_BMV_WO": ("hv_acc",)}
 _ROW_FIELDS = ("vram_row", "vram_data", "mram_tile", "mram_row", "mram_data", "hbm_e_idx", "hbm_e_data",
                "hbm_s_idx", "hbm_s_data", "hbm_rd", "hbm_wr", "err")
 
@@ -116,16 +129,17 @@ def _rows_at_once(geo: Geometry, name: str, fn, f: Fields, pc, st: MachineState,
 
     def row(i):
         eff = fn(geo, st._replace(pc=pc, sub=i), f)
-        return {k: getattr(eff, k) for k in _ROW_FIELDS}, {k: getattr(eff, k) for k in regs}
+        return {k: getattr(eff, k) for k in _ROW_FIELDS}
 
-    rows, last = jax.vmap(row)(jnp.arange(nsub, dtype=jnp.int32))
+    rows = jax.vmap(row)(jnp.arange(nsub, dtype=jnp.int32))
+    last = fn(geo, st._replace(pc=pc, sub=jnp.int32(nsub - 1)), f)
     base = no_effect(geo, st)
 
     def commit(i, s):
         return _commit(geo, name, s, base._replace(**{k: v[i] for k, v in rows.items()}), pc)
 
     st = lax.fori_loop(0, nsub, commit, st)
-    return st._replace(**{k: v[-1] for k, v in last.items()})
+    return st._replace(**{k: getattr(last, k) for k in regs})
 
 
 def _instr(geo: Geometry, key: tuple, o, st: MachineState) -> MachineState:
