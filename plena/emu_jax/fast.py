@@ -287,7 +287,7 @@ def run_compiled(geo: Geometry, sigs: tuple, ops, st: MachineState) -> MachineSt
 
 # ------------------------------------------------------------------------------------------
 # the schedule: compiled blocks for hot code, the reference interpreter for the rest
-MAX_BLOCK = 48  #: most instructions one compiled block may emit (compile time grows with it)
+MAX_BLOCK = 64  #: most instructions one compiled block may emit (compile time grows with it)
 #: a block must execute at least HOT times as many instructions as it emits. 32 compiles the
 #: attention and norm code of a decoder layer too: on the small 8-layer decoder the
 #: interpreter's share fell from 44,366 to 1,820 dynamic instructions for 12 % more emitted code
