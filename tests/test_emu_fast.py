@@ -305,6 +305,22 @@ def test_error_inside_a_compiled_loop_reports_the_interpreters_pc():
     assert a.pc == 2
 
 
+def test_scalar_stores_in_compiled_loops_match_the_interpreter():
+    """S_ST_INT / S_ST_FP write their word in place in compiled code: the stored words, and
+    the error (with its pc) when an index leaves the 1024-word SRAM, are the interpreter's."""
+    def src(iterations):
+        return [li(1, 0), "S_LD_FP f1, gp0, 2", f"C_LOOP_START gp2, {iterations}", "S_ADDI_INT gp3, gp3, 7",
+                "S_ST_INT gp3, gp1, 3", "S_ST_FP f1, gp1, 900", "S_ADDI_INT gp1, gp1, 40", "C_LOOP_END gp2"]
+
+    fps = np.arange(64, dtype=np.uint16) + 0x3F00
+    a, b = run_both(prog(src(4)), fast_options=dict(hot=1), fpsram=fps)  # indices up to 1020
+    assert_same(a, b)
+    assert not isinstance(b, PlenaError) and int(np.asarray(b.state.intsram)[123]) == 28
+    a, b = run_both(prog(src(5)), fast_options=dict(hot=1), fpsram=fps)  # the fifth S_ST_FP: 1060
+    assert isinstance(b, PlenaError)
+    assert_same(a, b)
+
+
 def test_blocks_never_copy_a_whole_memory():
     """The compiled HLO of a block has no copy of VRAM, MRAM or HBM (an in-place update only)."""
     import re

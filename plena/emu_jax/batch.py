@@ -11,6 +11,7 @@ is rejected with :class:`BatchDivergence`. The batch axis can be sharded over de
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -107,6 +108,19 @@ def _shard(st: MachineState, devices) -> MachineState:
                           for name, x in zip(MachineState._fields, st)))
 
 
+@contextlib.contextmanager
+def _divergence_as_error():
+    """vmap's complaint that an unbatched (control) output became data-dependent, as a
+    :class:`BatchDivergence`."""
+    try:
+        yield
+    except ValueError as exc:
+        if "out_axes" in str(exc) or "vmap" in str(exc):
+            raise BatchDivergence("the program's control flow depends on tensor data (e.g. V_TOPK results "
+                                  "used as addresses); run the input sets separately") from exc
+        raise
+
+
 def _initial_states(geo, inputs, devices) -> MachineState:
     st = _stack_states([init_state(geo, hbm_capacity=x.capacity, hbm=x.hbm, fpsram=x.fpsram, intsram=x.intsram,
                                    vram=x.vram) for x in inputs])
@@ -141,14 +155,9 @@ def run_batch(program, cfg: PlenaConfig | None = None, *, hbm: Sequence, fpsram:
     ex = None
 
     def prepare_fast(state, **extra):
-        try:
+        with _divergence_as_error():
             return fast.prepare(prog, geo, state, batch_axes=state_axes(), intsram=inputs[0].intsram,
                                 **{**(fast_options or {}), **extra})
-        except ValueError as exc:
-            if "out_axes" in str(exc) or "vmap" in str(exc):
-                raise BatchDivergence("the program's control flow depends on tensor data; run the input "
-                                      "sets separately") from exc
-            raise
 
     if use_fast(executor, plan, max_steps):
         ex = prepare_fast(st)
@@ -159,14 +168,8 @@ def run_batch(program, cfg: PlenaConfig | None = None, *, hbm: Sequence, fpsram:
         branches = dispatch.branches_for(_cold_opcodes(prog, executable))  # never V_TOPK (rejected above)
         key = ("batch", geo, size, None if devices is None else tuple(devices), branches)
         if key not in _COMPILED and (executable is None or any(isinstance(s, fast.Interp) for s in executable.steps)):
-            try:
+            with _divergence_as_error():
                 _COMPILED[key] = run_program_batched.lower(geo, fields, state, n, limit, branches=branches).compile()
-            except ValueError as exc:  # vmap: an unbatched (control) output became data-dependent
-                if "out_axes" in str(exc) or "vmap" in str(exc):
-                    raise BatchDivergence("the program's control flow depends on tensor data "
-                                          "(e.g. V_TOPK results used as addresses); run the input sets "
-                                          "separately") from exc
-                raise
         return _COMPILED.get(key)
 
     compiled = interpreter_for(ex, st)
