@@ -132,14 +132,16 @@ def _rows_at_once(geo: Geometry, name: str, fn, f: Fields, pc, st: MachineState,
         return {k: getattr(eff, k) for k in _ROW_FIELDS}
 
     rows = jax.vmap(row)(jnp.arange(nsub, dtype=jnp.int32))
-    last = fn(geo, st._replace(pc=pc, sub=jnp.int32(nsub - 1)), f)
     base = no_effect(geo, st)
 
     def commit(i, s):
         return _commit(geo, name, s, base._replace(**{k: v[i] for k, v in rows.items()}), pc)
 
-    st = lax.fori_loop(0, nsub, commit, st)
-    return st._replace(**{k: getattr(last, k) for k in regs})
+    out = lax.fori_loop(0, nsub, commit, st)
+    if not regs:  # prefetches and stores change no register: no last row to trace again
+        return out
+    last = fn(geo, st._replace(pc=pc, sub=jnp.int32(nsub - 1)), f)
+    return out._replace(**{k: getattr(last, k) for k in regs})
 
 
 def _instr(geo: Geometry, key: tuple, o, st: MachineState) -> MachineState:
