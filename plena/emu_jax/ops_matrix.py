@@ -1,7 +1,8 @@
 """Matrix-engine instructions (spec §4.1).
 
-Products are f32 matmuls added to the f32 accumulators (``acc = f32(acc + f32(partial))`` per
-instruction); batched-head products are scaled by the fixed 0.25 first. Memory reads go
+Products are f32 matmuls in one defined order (:func:`plena.numerics.matmul.ordered_matmul`,
+shared with the golden model) added to the f32 accumulators (``acc = f32(acc + f32(partial))``
+per instruction); batched-head products are scaled by the fixed 0.25 first. Memory reads go
 through :mod:`plena.emu_jax.memory` helpers, which the dispatch serves from operands fetched
 outside it (:mod:`plena.emu_jax.operands`). Write-outs are micro-stepped one VRAM row per
 step (``st.sub``).
@@ -18,14 +19,14 @@ from plena.emu_jax.memory import (U32, err_if, first_err, mram_tile, read_rows_b
                                   tile_full, tile_rows, to_vram_bits, vram_block, u32, vram_row, write_target)
 
 from plena.numerics import ieee
+from plena.numerics.matmul import ordered_matmul
 from plena.numerics.containers import bits_to_f32
 
-HIGHEST = lax.Precision.HIGHEST
 BMM_SCALE = 0.25  # fixed; no instruction can change it (spec §2.2)
 
 
 def _mm(x, w):
-    return jnp.matmul(x, w, precision=HIGHEST, preferred_element_type=jnp.float32)
+    return ordered_matmul(x, w)  # one defined order of the f32 adds (see plena.numerics.matmul)
 
 
 def _rowgranular(geo, m_addr):

@@ -43,6 +43,7 @@ from plena.numerics import ieee, unary
 from plena.numerics.bf16 import f32_to_bf16_bits, f32_to_bf16_bits_reg
 from plena.numerics.containers import is_wide
 from plena.numerics.formats import MxFormat, PlainFormat
+from plena.numerics.matmul import ordered_matmul
 from plena.numerics.reduce import torch_sum
 
 from .quant import HBM_POINTS, Policy, q
@@ -286,12 +287,6 @@ def _mm(x, w):
     return jnp.matmul(x, w, precision=HIGHEST, preferred_element_type=jnp.float32)
 
 
-def _separately_rounded(p):
-    """``p`` itself, but in a form XLA:CPU cannot contract with the following add into an FMA
-    (it does contract ``acc + a * b``); the select sits between the multiply and the add."""
-    return jnp.where(p == p, p, p + 1.0)
-
-
 def k_chunked_matmul(x, w, mlen: int) -> jnp.ndarray:
     """``x[..., K] @ w[K, N]`` in the machine's f32 order (no differentiation rule of its own).
 
@@ -299,16 +294,12 @@ def k_chunked_matmul(x, w, mlen: int) -> jnp.ndarray:
 
         acc = +0.0
         for c in 0, 1, ..., ceil(K / mlen) - 1:          # one M_MM per K-chunk, ascending
-            p = +0.0
-            for k in c*mlen, ..., c*mlen + mlen - 1:     # inside one M_MM, ascending k
-                p = f32(p + f32(x[k] * w[k]))
+            p = ordered_matmul(x[c*mlen : (c+1)*mlen], w[c*mlen : (c+1)*mlen])
             acc = f32(acc + p)                           # m_accum += partial
 
-    The inner loop is the order of the f32 matmul the emulator evaluates per M_MM (XLA:CPU's
-    dot of a [BLEN, MLEN] by an [MLEN, BLEN] block, which sums k sequentially; the reference's
-    libtorch sgemm order is unspecified, spec §8). Every product of a bf16 activation and an
-    MX-dequantised weight is exact (<= 12 significant bits), so only the order of the adds
-    matters, and it does not depend on BLEN.
+    The inner product is the emulator's own (:func:`plena.numerics.matmul.ordered_matmul`:
+    k ascending, each product rounded on its own; the reference's libtorch sgemm order is
+    unspecified, spec §8), so the result does not depend on BLEN.
     """
     x, w = _f32(x), _f32(w)
     if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
@@ -318,17 +309,12 @@ def k_chunked_matmul(x, w, mlen: int) -> jnp.ndarray:
     M = x2.shape[0]
     nchunks = max(1, -(-K // mlen))
     pad = nchunks * mlen - K
-    xs = jnp.pad(x2, ((0, 0), (0, pad))).reshape(M, nchunks, mlen).transpose(1, 2, 0)  # [c, k, M]
+    xs = jnp.pad(x2, ((0, 0), (0, pad))).reshape(M, nchunks, mlen).transpose(1, 0, 2)  # [c, M, k]
     ws = jnp.pad(w, ((0, pad), (0, 0))).reshape(nchunks, mlen, N)  # [c, k, N]
 
     def chunk(acc, operands):
         xc, wc = operands
-
-        def step(k, p):
-            return p + _separately_rounded(xc[k][:, None] * wc[k][None, :])
-
-        partial = lax.fori_loop(0, mlen, step, jnp.zeros((M, N), jnp.float32))
-        return ieee.add(acc, partial), None
+        return ieee.add(acc, ordered_matmul(xc, wc)), None
 
     acc, _ = lax.scan(chunk, jnp.zeros((M, N), jnp.float32), (xs, ws))
     return acc.reshape(lead + (N,))
