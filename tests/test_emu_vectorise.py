@@ -180,3 +180,29 @@ def test_lanes_block_never_copies_a_whole_memory():
         copies = [ln for ln in hlo.splitlines()
                   if re.search(r"\bcopy\(", ln) and any(b in ln.split("=")[1][:40] for b in big)]
         assert not copies, copies[:3]
+
+
+def test_nested_lanes_gather_operands_per_loop_not_per_pair():
+    """In row blocks x column tiles ("nested": 3 x 4 lanes), the activation rows depend on the
+    outer loop only and the weight columns on the inner one (vectorise.LaneRegs keeps each gp
+    register its own vmap leaf): the block gathers [3, BLEN, MLEN] rows and [4, MLEN, BLEN]
+    columns, never one copy of either per (row block, column tile) pair, and the result is the
+    interpreter's."""
+    import re
+
+    from plena.config import default_config
+    from plena.emu_jax import fast
+    from plena.emu_jax.plan import plan_program
+    from plena.emu_jax.state import init_state
+
+    cfg = default_config()
+    p = api.load_program(prog(PRELUDE + CASES["nested"]))
+    geo = api.geometry_for(p, cfg, plan_program(p, cfg), hbm_len=0, vram_len=0, hbm_capacity=1 << 20)
+    ex = fast.prepare(p, geo, init_state(geo, hbm_capacity=1 << 20), hot=1)
+    (sig,) = [s.sig for s in ex.steps if isinstance(s, fast.Block) and _has_kind(s.sig, "VL")]
+    shapes = set(re.findall(r"f32\[[0-9,]+\]", ex.compiled[sig].as_text()))
+    m, b = cfg.mlen, cfg.blen
+    assert f"f32[4,{m},{b}]" in shapes and f"f32[3,{b},{m}]" in shapes, shapes
+    assert not shapes & {f"f32[3,4,{m},{b}]", f"f32[3,4,{b},{m}]", f"f32[12,{m},{b}]", f"f32[12,1,{m},{b}]"}, shapes
+    a, b_ = run_both(prog(PRELUDE + CASES["nested"]), fast_options=dict(hot=1), **_inputs(3))
+    assert_same(a, b_)

@@ -194,6 +194,61 @@ def _increments(body: tuple, ops, regs: frozenset):
 # lanes
 
 
+@jax.tree_util.register_pytree_node_class
+class LaneRegs:
+    """The gp register file of a lane as 16 separate u32 scalars (one pytree leaf each), in
+    place of the state's u32[16] array, for the instructions' ``gp[i]`` and ``gp.at[i].set(v)``
+    (``i`` a static register number).
+
+    ``vmap`` batches each leaf on its own, so a register that is the same in every lane (a
+    base address, a register only the outer of two nested loops moves) stays one scalar. In a
+    tile loop the activation rows then depend on the outer lane alone and the weight columns
+    on the inner one: they are gathered once per row block and once per column block, and the
+    products broadcast, instead of both being gathered for every (row, column) lane."""
+
+    def __init__(self, regs):
+        self.regs = tuple(regs)
+
+    @classmethod
+    def of(cls, gp) -> "LaneRegs":
+        return gp if isinstance(gp, cls) else cls(gp[i] for i in range(gp.shape[0]))
+
+    def __getitem__(self, i):
+        return self.regs[i]
+
+    def array(self):
+        return jnp.stack([jnp.asarray(r, U32) for r in self.regs])
+
+    @property
+    def at(self):
+        return _RegsAt(self)
+
+    def tree_flatten(self):
+        return self.regs, None
+
+    @classmethod
+    def tree_unflatten(cls, _aux, regs):
+        return cls(regs)
+
+
+class _RegsAt:
+    def __init__(self, regs: LaneRegs):
+        self.regs = regs
+
+    def __getitem__(self, i):
+        def set_(value):
+            regs = list(self.regs.regs)
+            regs[i] = jnp.asarray(value).astype(U32)
+            return LaneRegs(regs)
+
+        return _RegSetter(set_)
+
+
+class _RegSetter:
+    def __init__(self, set_):
+        self.set = set_
+
+
 class LaneMemory:
     """VRAM/MRAM seen by one iteration: the state before the loop plus what this iteration
     wrote, with every VRAM read recorded (M_MM_WO reads nothing: see :class:`_ZeroRows`).
@@ -233,13 +288,14 @@ class LaneMemory:
 
 
 class _ZeroRows:
-    """A VRAM view that reads zeros (rows whose contents the instruction does not keep)."""
+    """A VRAM view that reads zeros ``width`` elements wide (rows whose contents the
+    instruction does not keep)."""
 
-    def __init__(self, geo: Geometry, dtype):
-        self.geo, self.dtype = geo, dtype
+    def __init__(self, width: int, dtype):
+        self.width, self.dtype = width, dtype
 
     def vram_rows(self, row, n):
-        return jnp.zeros((n, self.geo.cfg.vlen), self.dtype)
+        return jnp.zeros((n, self.width), self.dtype)
 
 
 class _Mram:
@@ -281,13 +337,16 @@ def _lane_instr(geo: Geometry, key, o, st: MachineState, mem: LaneMemory, err, e
 def _lane_mm_wo(geo: Geometry, fn, f: Fields, pc, nsub: int, st: MachineState, mem: LaneMemory, err, err_pc):
     """M_MM_WO in a lane: its BLEN rows at once, kept as one entry of BLEN column spans.
     It reads its rows only to merge the new columns in, and a lane keeps just those columns,
-    so it reads zeros (:class:`_ZeroRows`) instead of the lane's memory."""
-    source = _ZeroRows(geo, mem.vram.dtype)
+    so it reads BLEN-wide rows of zeros (:class:`_ZeroRows`) instead of the lane's memory: its
+    update of the columns at col0 then starts at 0 (XLA clamps a dynamic_update_slice into
+    bounds) and replaces the whole row, which is the span itself (no VLEN-wide zero rows per
+    lane and row, no slicing the span back out)."""
+    source = _ZeroRows(geo.cfg.blen, mem.vram.dtype)
     col0 = _wo_column(geo, st, f)
 
     def row(sub):
         eff = fn(geo, st._replace(pc=pc, sub=sub, vram=source, mram=source), f)
-        return eff.vram_row, lax.dynamic_slice(eff.vram_data, (col0,), (geo.cfg.blen,)), eff.err, eff.m_acc
+        return eff.vram_row, eff.vram_data, eff.err, eff.m_acc
 
     rows, data, errs, accs = jax.vmap(row)(jnp.arange(nsub, dtype=I32))
     ok = errs == 0
@@ -305,8 +364,11 @@ def _uses_acc(body: tuple) -> bool:
 
 def _start(st: MachineState, reg: int, count: int, body: tuple, body_ops, k) -> MachineState:
     """The registers at the start of iteration k, from the state before the loop."""
-    step = _increments(body, body_ops, induction_registers(reg, body))
-    gp = (st.gp + k.astype(U32) * step).at[reg].set((count - k).astype(U32))
+    ind = induction_registers(reg, body)
+    step = _increments(body, body_ops, ind)
+    gp = LaneRegs.of(st.gp)  # registers that no iteration moves stay unbatched
+    moved = [gp[r] + k.astype(U32) * step[r] if r in ind else gp[r] for r in range(len(gp.regs))]
+    gp = LaneRegs(moved).at[reg].set((count - k).astype(U32))
     if not _uses_acc(body):
         return st._replace(gp=gp)
     # the accumulator: the state's for iteration 0; cleared by the previous iteration's M_MM_WO
@@ -439,6 +501,7 @@ def run_loop(geo: Geometry, sig, ops, st: MachineState) -> MachineState:
     every call: XLA copies a buffer a conditional updates in place.)"""
     reg = sig[1]
     (gp, fp, m_acc), (whole, span), all_rows, (r_row, r_own), errs, err_pcs = _lanes(geo, sig, ops, st)
+    gp = gp.array()
     w_row, w_data, w_mask, w_live = whole
     s_row, s_col, s_data, s_mask, s_live = span
     vlen, blen = geo.cfg.vlen, geo.cfg.blen
