@@ -522,7 +522,7 @@ def run_loop(geo: Geometry, sig, ops, st: MachineState) -> MachineState:
     blocks = vlen // blen
     big = jnp.int32(2**31 - 1)
     key = s_row * blocks + s_col // blen if (geo.vram_rows + 1) * blocks < 2**31 else s_row
-    key = jnp.sort(jnp.where(s_live, key, big).reshape(-1))
+    key = lax.sort(jnp.where(s_live, key, big).reshape(-1), is_stable=False)  # (equal keys are what it finds)
     clash = (jnp.any(rows_written[:nowhere] > 1) | jnp.any(s_live & (last_row[at_row(s_row, s_live)] > lanes))
              | jnp.any((key[1:] == key[:-1]) & (key[1:] != big)) | jnp.any(s_live & (s_col % blen != 0)))
     conflict = _read_after_write(geo, all_rows, r_row, r_own) | clash
