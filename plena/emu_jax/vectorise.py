@@ -11,11 +11,16 @@ runs them all at once:
    ``count - k``. Memories are read through :class:`LaneMemory`, which overlays the rows the
    iteration itself wrote earlier and records every row it reads.
 2. **check** (at run time, the addresses are data): a read of iteration k that meets a row
-   written by an iteration j < k, or two iterations writing one element, is a *conflict*.
-3. **commit**: the written elements are scattered into VRAM in one operation, and the
-   registers are those of the last iteration. A conflict is recorded as the internal error
-   LANE_CONFLICT, and :func:`plena.emu_jax.api.run` redoes the run without lanes, so the
-   final state is the sequential loop's, bit for bit, either way.
+   written by an iteration j < k is a *conflict*.
+3. **commit**: the written elements go into VRAM iteration after iteration (where two
+   iterations write one element, the later one's value stays, as in the sequential loop),
+   and the registers are those of the last iteration. A conflict is recorded as the
+   internal error LANE_CONFLICT, and :func:`plena.emu_jax.api.run` redoes the run without
+   lanes, so the final state is the sequential loop's, bit for bit, either way.
+
+Check and commit are two small ``fori_loop``s of dynamic slices over the lanes' rows (XLA:CPU
+compiles each as one function), in place of the scatters, masks and key sort a commit in one
+operation needed to find and order write-after-write.
 
 Which loops qualify is decided statically from the body's signature (:func:`eligible`): only
 the opcodes in :data:`LANE_OPS`; every register the body writes is either an *induction*
@@ -377,9 +382,10 @@ def _start(st: MachineState, reg: int, count: int, body: tuple, body_ops, k) -> 
 
 
 def _writes(geo: Geometry, writes: list, vram_dtype):
-    """One iteration's writes as (whole rows, column spans), each (row, [col0,] data, mask,
-    live) with one entry per row: mask = the elements no later write of the same iteration
-    replaces."""
+    """One iteration's writes as (whole rows, column spans), each (row, [col0,] data, mask)
+    with one entry per row: mask = the elements no later write of the same iteration replaces
+    (so each element the iteration writes has one entry that writes it, and the order of its
+    entries no longer matters); and every row it writes (-1: none, outside VRAM)."""
     vlen, blen = geo.cfg.vlen, geo.cfg.blen
     masks = []
     for i, (rows, col0, data) in enumerate(writes):
@@ -405,8 +411,7 @@ def _writes(geo: Geometry, writes: list, vram_dtype):
 
     w_row, _, w_data, w_mask = group(vlen, True)
     s_row, s_col, s_data, s_mask = group(blen, False)
-    live = lambda row, mask: (row < geo.vram_rows) & jnp.any(mask, -1)  # noqa: E731
-    groups = ((w_row, w_data, w_mask, live(w_row, w_mask)), (s_row, s_col, s_data, s_mask, live(s_row, s_mask)))
+    groups = ((w_row, w_data, w_mask), (s_row, s_col, s_data, s_mask))
     rows = jnp.concatenate([w[0] for w in writes]) if writes else jnp.zeros(0, I32)
     return groups, jnp.where((rows >= 0) & (rows < geo.vram_rows), rows, -1)
 
@@ -481,16 +486,53 @@ def _lanes(geo: Geometry, sig, ops, st: MachineState):
 
 
 def _read_after_write(geo: Geometry, all_rows, r_row, r_own):
-    """Whether a lane reads a row an earlier lane wrote (per-row table of the first lane
-    writing each row; linear in the lanes). A row a lane itself wrote whole before reading it
-    (a scratch row) does not count."""
-    lanes = jnp.arange(all_rows.shape[0], dtype=I32)[:, None]
+    """Whether a lane reads a row an earlier lane wrote. A table holds, per row, the first
+    lane that writes it: the lanes' rows are put in from the last lane to the first, one
+    dynamic_update_slice each. A row a lane itself wrote whole before reading it (a scratch
+    row) does not count."""
+    n_lanes, per_lane = all_rows.shape
+    lanes = jnp.arange(n_lanes, dtype=I32)[:, None]
     nowhere, outside = geo.vram_rows, geo.vram_rows + 1  # table slots: no write / a read outside VRAM
     big = jnp.int32(2**31 - 1)
-    wrote = jnp.where(all_rows >= 0, all_rows, nowhere)
-    first = jnp.full(geo.vram_rows + 2, big, I32).at[wrote].min(jnp.broadcast_to(lanes, wrote.shape))
+
+    def put(i, table):
+        k = n_lanes - 1 - i
+        for j in range(per_lane):
+            row = all_rows[k, j]
+            table = lax.dynamic_update_slice(table, k[None], (jnp.where(row >= 0, row, nowhere),))
+        return table
+
+    first = lax.fori_loop(0, n_lanes, put, jnp.full(geo.vram_rows + 2, big, I32))
+    first = lax.dynamic_update_slice(first, big[None], (nowhere,))
     read = jnp.where((r_row >= 0) & (r_row < geo.vram_rows), r_row, outside)
-    return jnp.any(~r_own & (first.at[nowhere].set(big)[read] < lanes))
+    return jnp.any(~r_own & (first[read] < lanes))
+
+
+def _commit_in_order(geo: Geometry, vram, whole, span):
+    """The lanes' writes into VRAM, lane after lane (iteration order), each row and span with
+    one dynamic_update_slice of the elements its mask keeps. Where two iterations write one
+    element the later one's value stays, as in the sequential loop, so only reads after
+    writes are conflicts. A span the update clamps into the row lands where the instruction
+    itself puts it. Rows outside VRAM (failed writes: the run raises) go to the spare row."""
+    w_row, w_data, w_mask = whole
+    s_row, s_col, s_data, s_mask = span
+    vlen, blen = geo.cfg.vlen, geo.cfg.blen
+    sink = geo.vram_rows
+    target = lambda row: jnp.where((row >= 0) & (row < geo.vram_rows), row, sink)  # noqa: E731
+
+    def lane(k, v):
+        for j in range(w_row.shape[1]):
+            row = target(w_row[k, j])
+            old = lax.dynamic_slice(v, (row, 0), (1, vlen))[0]
+            v = lax.dynamic_update_slice(v, jnp.where(w_mask[k, j], w_data[k, j], old)[None], (row, 0))
+        for j in range(s_row.shape[1]):
+            row, col = target(s_row[k, j]), s_col[k, j]
+            old = lax.dynamic_slice(v, (row, col), (1, blen))[0]
+            v = lax.dynamic_update_slice(v, jnp.where(s_mask[k, j], s_data[k, j], old)[None], (row, col))
+        return v
+
+    n_lanes = max(w_row.shape[0], s_row.shape[0])
+    return lax.fori_loop(0, n_lanes, lane, vram)
 
 
 def run_loop(geo: Geometry, sig, ops, st: MachineState) -> MachineState:
@@ -502,36 +544,8 @@ def run_loop(geo: Geometry, sig, ops, st: MachineState) -> MachineState:
     reg = sig[1]
     (gp, fp, m_acc), (whole, span), all_rows, (r_row, r_own), errs, err_pcs = _lanes(geo, sig, ops, st)
     gp = gp.array()
-    w_row, w_data, w_mask, w_live = whole
-    s_row, s_col, s_data, s_mask, s_live = span
-    vlen, blen = geo.cfg.vlen, geo.cfg.blen
-    lanes = jnp.arange(all_rows.shape[0], dtype=I32)[:, None]
-    nowhere, drop = geo.vram_rows, geo.vram_rows + 1
-    table = jnp.full(geo.vram_rows + 1, -1, I32)  # per row (slot vram_rows: no write)
-    at_row = lambda row, live: jnp.where(live, row, nowhere)  # noqa: E731
-    # a write is superseded when a later lane writes its whole row
-    full = w_live & jnp.all(w_mask, -1)
-    last_full = table.at[at_row(w_row, full)].max(jnp.where(full, lanes, -1))
-    w_live = w_live & ~(last_full[at_row(w_row, w_live)] > lanes)
-    s_live = s_live & ~(last_full[at_row(s_row, s_live)] > lanes)
-    # write-after-write among the live writes (conservatively, without comparing data):
-    # two row writes of one row; a span under a later lane's row write; two spans of one
-    # BLEN-column block of one row (sorted keys; a misaligned span counts as a clash too)
-    rows_written = jnp.zeros_like(table).at[at_row(w_row, w_live)].add(1)
-    last_row = table.at[at_row(w_row, w_live)].max(jnp.where(w_live, lanes, -1))
-    blocks = vlen // blen
-    big = jnp.int32(2**31 - 1)
-    key = s_row * blocks + s_col // blen if (geo.vram_rows + 1) * blocks < 2**31 else s_row
-    key = lax.sort(jnp.where(s_live, key, big).reshape(-1), is_stable=False)  # (equal keys are what it finds)
-    clash = (jnp.any(rows_written[:nowhere] > 1) | jnp.any(s_live & (last_row[at_row(s_row, s_live)] > lanes))
-             | jnp.any((key[1:] == key[:-1]) & (key[1:] != big)) | jnp.any(s_live & (s_col % blen != 0)))
-    conflict = _read_after_write(geo, all_rows, r_row, r_own) | clash
-    # whole rows (as rows), then the spans (as elements): a span of the lane that wrote the
-    # row replaces the columns its row write left to it
-    vram = st.vram.at[jnp.where(w_live, w_row, drop).reshape(-1)].set(w_data.reshape(-1, vlen), mode="drop")
-    put = s_live[..., None] & s_mask
-    s_cols = s_col[..., None] + jnp.arange(blen, dtype=I32)
-    vram = vram.at[jnp.where(put, s_row[..., None], drop), s_cols].set(s_data, mode="drop")
+    conflict = _read_after_write(geo, all_rows, r_row, r_own)
+    vram = _commit_in_order(geo, st.vram, whole, span)
     bad = errs != 0
     at = jnp.argmax(bad)
     # the first error in iteration order; a conflict makes every lane's result suspect
