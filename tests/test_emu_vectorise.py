@@ -214,3 +214,20 @@ def test_nested_lanes_gather_operands_per_loop_not_per_pair():
     assert not shapes & {f"f32[3,4,{m},{b}]", f"f32[3,4,{b},{m}]", f"f32[12,{m},{b}]", f"f32[12,1,{m},{b}]"}, shapes
     a, b_ = run_both(prog(PRELUDE + CASES["nested"]), fast_options=dict(hot=1), **_inputs(3))
     assert_same(a, b_)
+
+
+def test_a_row_rewritten_in_place_keeps_only_its_last_write(monkeypatch):
+    """In "rows" each iteration rewrites its row gp1 twice in place (V_MUL_VF, V_EXP_V) and
+    writes gp2 once: the lane keeps one write per row (the register has not moved between the
+    in-place writes, so the later one replaces the earlier), so its commit holds 2 row writes
+    per iteration, not 3; and the result is the interpreter's."""
+    from plena.emu_jax import fast, vectorise
+
+    monkeypatch.setattr(fast, "_BLOCKS", {})  # trace the block again, even if an earlier test compiled it
+    seen = []
+    real = vectorise._commit_in_order
+    monkeypatch.setattr(vectorise, "_commit_in_order",
+                        lambda geo, vram, whole, span: seen.append(whole[0].shape) or real(geo, vram, whole, span))
+    a, b = run_both(prog(PRELUDE + CASES["rows"]), fast_options=dict(hot=1), **_inputs(5))
+    assert_same(a, b)
+    assert seen == [(8, 2)], seen

@@ -265,6 +265,7 @@ class LaneMemory:
     def __init__(self, geo: Geometry, vram, mram):
         self.geo, self.vram, self.mram = geo, vram, mram
         self.writes: list = []  # (rows i32[n], col0 i32, data [n, VLEN] or [n, BLEN])
+        self.tags: list = []  # per write: the address register value of a whole-row write, else None
         self.reads: list = []  # (row i32[n], own bool[n]): rows read; own = whole row written before by this iteration
 
     def vram_rows(self, row, n):
@@ -284,6 +285,18 @@ class LaneMemory:
                     data = jnp.where(hit[:, None], merged, data)
         self.reads.append((rows, own))
         return data
+
+    def write(self, rows, col0, data, tag=None):
+        """Record a write. ``tag``: for one whole row, the traced value of the register that
+        addresses it. An earlier whole-row write with the same tag (the register has not
+        changed since) wrote the same row and is dropped: nothing reads it any more, and its
+        data is then not computed at all (an in-place chain of vector ops on one row keeps
+        only its last write)."""
+        if tag is not None:
+            keep = [i for i, t in enumerate(self.tags) if t is None or t is not tag]
+            self.writes, self.tags = [self.writes[i] for i in keep], [self.tags[i] for i in keep]
+        self.writes.append((rows, col0, data))
+        self.tags.append(tag)
 
     def tile_cols(self, tile, c0, width):
         return memory.tile_cols(self.geo, _Mram(self.mram), tile, c0, width)
@@ -332,7 +345,7 @@ def _lane_instr(geo: Geometry, key, o, st: MachineState, mem: LaneMemory, err, e
         ok = eff.err == 0
         if spec.mnemonic in ELEMENTWISE:
             row = jnp.where(ok, eff.vram_row, geo.vram_rows).astype(I32)
-            mem.writes.append((row[None], jnp.int32(0), eff.vram_data[None]))
+            mem.write(row[None], jnp.int32(0), eff.vram_data[None], tag=st.gp[rd])
         first = (err == 0) & ~ok
         err, err_pc = jnp.where(first, eff.err, err), jnp.where(first, pc, err_pc)
         st = st._replace(gp=eff.gp, fp=eff.fp, m_acc=eff.m_acc)
@@ -355,7 +368,7 @@ def _lane_mm_wo(geo: Geometry, fn, f: Fields, pc, nsub: int, st: MachineState, m
 
     rows, data, errs, accs = jax.vmap(row)(jnp.arange(nsub, dtype=I32))
     ok = errs == 0
-    mem.writes.append((jnp.where(ok, rows, geo.vram_rows).astype(I32), col0, data))
+    mem.write(jnp.where(ok, rows, geo.vram_rows).astype(I32), col0, data)
     bad = ~ok
     first = (err == 0) & jnp.any(bad)
     err, err_pc = jnp.where(first, errs[jnp.argmax(bad)], err), jnp.where(first, pc, err_pc)
