@@ -297,6 +297,24 @@ def test_schedule_compiles_little_cold_code_with_the_blocks():
     assert_same(a, b)
 
 
+def test_long_schedules_get_larger_blocks(monkeypatch):
+    """A schedule of more than LONG_STEPS steps is made again with blocks of up to
+    MAX_BLOCK_LONG instructions (fewer host calls); a short one keeps MAX_BLOCK, and an
+    explicit max_block is used as given."""
+    # hot loops of 9 instructions, each a block of its own at MAX_BLOCK = 9
+    loops = [["C_LOOP_START gp3, 64", *[f"V_ADD_VV gp1, gp2, gp{r}, 0" for r in range(2 + i, 10 + i)],
+              "S_ADDI_INT gp1, gp1, 64", "C_LOOP_END gp3"] for i in range(5)]
+    monkeypatch.setattr(fast, "MAX_BLOCK", 9)
+    monkeypatch.setattr(fast, "MAX_BLOCK_LONG", 18)
+    monkeypatch.setattr(fast, "LONG_STEPS", 4)
+    src = [x for loop in loops for x in loop]
+    assert [s.size for s in _schedule(src, max_block=9, unit=0)] == [9] * 5
+    assert [s.size for s in _schedule(src, unit=0)] == [18, 18, 9]  # 5 steps > LONG_STEPS
+    assert [s.size for s in _schedule(src[: 4 * 11], unit=0)] == [9] * 4  # 4 steps: MAX_BLOCK kept
+    a, b = run_both(prog(src))
+    assert_same(a, b)
+
+
 def test_error_inside_a_compiled_loop_reports_the_interpreters_pc():
     src = [li(1, 0), "C_LOOP_START gp2, 5", "V_ADD_VV gp1, gp1, gp1, 0", "S_ADDI_INT gp1, gp1, 96",
            "C_LOOP_END gp2"]  # the second iteration's address is not a multiple of VLEN

@@ -290,6 +290,13 @@ def run_compiled(geo: Geometry, sigs: tuple, ops, st: MachineState) -> MachineSt
 # ------------------------------------------------------------------------------------------
 # the schedule: compiled blocks for hot code, the reference interpreter for the rest
 MAX_BLOCK = 64  #: most instructions one compiled block may emit (compile time grows with it)
+#: a schedule of more than LONG_STEPS steps is made again with blocks of up to MAX_BLOCK_LONG
+#: instructions. Every step costs ~65 us of host dispatch (a call with the 32 state leaves),
+#: which long programs pay per step (the one-layer decoder: 20 -> 13 steps, 7.8 -> 7.0 ms; the
+#: 8-layer decoder: 154 -> 98 steps, 51 -> 44 ms), while short ones keep their distinct blocks
+#: compiling in parallel (ci_flash: 4 steps at 64, compiled in 5.2-5.3 s, 6.0 s as 1 block).
+MAX_BLOCK_LONG = 128
+LONG_STEPS = 12
 #: a block must execute at least HOT times as many instructions as it emits. 32 compiles the
 #: attention and norm code of a decoder layer too: on the small 8-layer decoder the
 #: interpreter's share fell from 44,366 to 1,820 dynamic instructions for 12 % more emitted code
@@ -359,7 +366,7 @@ def _work(it, sigs: structure.Signatures, micro) -> int:
     return sum(_work(x, sigs, micro) for c in it.copies for x in c)
 
 
-def schedule(items: list, prog: DecodedProgram, sigs: structure.Signatures, *, max_block: int = MAX_BLOCK,
+def schedule(items: list, prog: DecodedProgram, sigs: structure.Signatures, *, max_block: int | None = None,
              hot: int = HOT, absorb: int = ABSORB, unit: int = UNIT, cold_max: int = COLD_MAX, micro=None) -> list:
     """Steps that execute ``items`` in order.
 
@@ -372,7 +379,15 @@ def schedule(items: list, prog: DecodedProgram, sigs: structure.Signatures, *, m
     reference interpreter (:class:`Interp` ranges). A hot loop too big for one block is driven
     from the host: its counter register is set in the blocks (the pseudo item ("S", reg)) and
     its body's steps are repeated per iteration. When blocks are made and the cold code is at
-    most ``cold_max`` instructions in all, it is compiled too (everything is hot)."""
+    most ``cold_max`` instructions in all, it is compiled too (everything is hot).
+    ``max_block`` None: :data:`MAX_BLOCK`, or :data:`MAX_BLOCK_LONG` when that schedule has
+    more than :data:`LONG_STEPS` steps."""
+    if max_block is None:
+        steps = schedule(items, prog, sigs, max_block=MAX_BLOCK, hot=hot, absorb=absorb, unit=unit,
+                         cold_max=cold_max, micro=micro)
+        if len(steps) <= LONG_STEPS:
+            return steps
+        max_block = MAX_BLOCK_LONG
     micro = np.ones(64, np.int64) if micro is None else micro
     kw = dict(max_block=max_block, absorb=absorb, unit=unit, micro=micro)
     steps = _schedule(items, prog, sigs, hot=hot, **kw)
