@@ -968,20 +968,23 @@ def test_m_tmm_swaps_operands_and_uses_tile_rows(colblock):
 
 
 @pytest.mark.parametrize("executor", ["interpreter", "fast"])
-def test_m_mm_adds_its_products_in_ascending_k(executor):
-    """One M_MM's MLEN products are added in ascending k, each rounded to f32 on its own (the
-    golden model's order, plena.numerics.matmul), in both executors. Activations over 17
-    binades and weights over ~30 make the f32 sums depend on the order (XLA's dot kernel for
-    a 4 x 64 by 64 x 4 block, which the emulator used before, differs on most elements)."""
+@pytest.mark.parametrize("op", ["M_MM", "M_TMM"])
+def test_products_add_in_ascending_k(op, executor):
+    """One M_MM's (M_TMM's) MLEN products are added in ascending k, each rounded to f32 on its
+    own (the golden model's order, plena.numerics.matmul), in both executors. Activations over
+    17 binades and weights over ~30 make the f32 sums depend on the order (XLA's dot kernel
+    for a 4 x 64 by 64 x 4 block, which the emulator used before, differs on most elements)."""
     rng = np.random.default_rng(78)
     elem, scale = _m_tensor(rng, MLEN)
     rows = [rand_bf16(rng, VLEN) for _ in range(BLEN)]
     prefix = [li(1, TILE), "C_SET_SCALE_REG gp1", li(2, TILE_NO * TILE), "H_PREFETCH_M gp2, gp0, a0, 0, 0",
               li(3, TILE_NO * TILE + 8 * MLEN), li(4, 0)]
-    pre, ins = prog(prefix), prog("M_MM 0, gp3, gp4")
-    got = run(pre + ins, hbm=mx_tensor(elem, scale), vram=vram_image(*rows), executor=executor, fast_options=dict(hot=1))
+    instr = "M_MM 0, gp3, gp4" if op == "M_MM" else "M_TMM 0, gp4, gp3"
+    got = run(prog(prefix, instr), hbm=mx_tensor(elem, scale), vram=vram_image(*rows), executor=executor,
+              fast_options=dict(hot=1))
     assert got.executor == executor
-    x, w = np.stack(rows), mx_decode(elem, scale).astype(np.float32)[:, 8:8 + BLEN]
+    tile = mx_decode(elem, scale).astype(np.float32)
+    x, w = np.stack(rows), (tile[:, 8:8 + BLEN] if op == "M_MM" else tile[8:8 + BLEN, :].T)
     acc = x[:, 0, None] * w[0, None, :]
     for k in range(1, MLEN):
         acc = f32(acc + f32(x[:, k, None] * w[k, None, :]))

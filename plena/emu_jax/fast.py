@@ -292,9 +292,10 @@ def run_compiled(geo: Geometry, sigs: tuple, ops, st: MachineState) -> MachineSt
 MAX_BLOCK = 64  #: most instructions one compiled block may emit (compile time grows with it)
 #: a schedule of more than LONG_STEPS steps is made again with blocks of up to MAX_BLOCK_LONG
 #: instructions. Every step costs host time (~30 us to dispatch even a trivial block with the
-#: 32 state leaves), which long programs pay per step (the one-layer decoder: 20 -> 13 steps, 7.8 -> 7.0 ms; the
-#: 8-layer decoder: 154 -> 98 steps, 51 -> 44 ms), while short ones keep their distinct blocks
-#: compiling in parallel (ci_flash: 4 steps at 64, compiled in 5.2-5.3 s, 6.0 s as 1 block).
+#: 32 state leaves), which long programs pay per step (the one-layer decoder: 20 -> 13 steps,
+#: 7.8 -> 7.0 ms; the 8-layer decoder: 154 -> 98 steps, 51 -> 44 ms), while short ones keep
+#: their distinct blocks compiling in parallel (ci_flash: 4 steps at 64, compiled in 5.2-5.3 s;
+#: 6.0 s as 1 block).
 MAX_BLOCK_LONG = 128
 LONG_STEPS = 12
 #: a block must execute at least HOT times as many instructions as it emits. 32 compiles the

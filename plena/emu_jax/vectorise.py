@@ -237,21 +237,18 @@ class LaneRegs:
 
 
 class _RegsAt:
-    def __init__(self, regs: LaneRegs):
-        self.regs = regs
+    """``regs.at[i].set(value)``: the register file with register ``i`` replaced."""
+
+    def __init__(self, regs: LaneRegs, i: int | None = None):
+        self.regs, self.i = regs, i
 
     def __getitem__(self, i):
-        def set_(value):
-            regs = list(self.regs.regs)
-            regs[i] = jnp.asarray(value).astype(U32)
-            return LaneRegs(regs)
+        return _RegsAt(self.regs, i)
 
-        return _RegSetter(set_)
-
-
-class _RegSetter:
-    def __init__(self, set_):
-        self.set = set_
+    def set(self, value) -> LaneRegs:
+        regs = list(self.regs.regs)
+        regs[self.i] = jnp.asarray(value).astype(U32)
+        return LaneRegs(regs)
 
 
 class LaneMemory:
