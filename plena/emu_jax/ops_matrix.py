@@ -19,14 +19,14 @@ from plena.emu_jax.memory import (U32, err_if, first_err, mram_tile, read_rows_b
                                   tile_full, tile_rows, to_vram_bits, vram_block, u32, vram_row, write_target)
 
 from plena.numerics import ieee
-from plena.numerics.matmul import ordered_matmul
+from plena.numerics.matmul import ordered_matmul_folded
 from plena.numerics.containers import bits_to_f32
 
 BMM_SCALE = 0.25  # fixed; no instruction can change it (spec §2.2)
 
 
 def _mm(x, w):
-    return ordered_matmul(x, w)  # one defined order of the f32 adds (see plena.numerics.matmul)
+    return ordered_matmul_folded(x, w)  # one defined order of the f32 adds (see plena.numerics.matmul)
 
 
 def _rowgranular(geo, m_addr):

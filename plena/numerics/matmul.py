@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_batching import custom_vmap
 
-__all__ = ["ordered_matmul", "separately_rounded"]
+__all__ = ["ordered_matmul", "ordered_matmul_folded", "separately_rounded"]
 
 
 def separately_rounded(p):
@@ -51,3 +52,30 @@ def ordered_matmul(x, w):
         return separately_rounded(xk[k][..., :, None] * wk[k][..., None, :])
 
     return lax.fori_loop(1, x.shape[-1], lambda k, p: p + term(k), term(0))
+
+
+@custom_vmap
+def ordered_matmul_folded(x, w):
+    """:func:`ordered_matmul`, with a ``vmap`` rule that folds a batch of only one operand into
+    the product's rows (a batch of ``x``) or columns (a batch of ``w``): one [B*M, K] x [K, N]
+    or [M, K] x [K, B*N] product instead of B products side by side. Every output element is
+    the same sum in the same order; what changes is the layout of the loop's kernel. Under
+    the fast executor's nested lanes (row blocks x column blocks of BLEN), the vmapped product
+    otherwise runs its k steps over [rows, cols, BLEN, BLEN] arrays, whose innermost axis is
+    BLEN wide (64 k steps over 16 x 16 x 4 x 4 elements: 142 us on XLA:CPU, against 54 us
+    for the same products as one 64 x 64 block). Not differentiable (``custom_vmap``): the
+    golden model uses :func:`ordered_matmul`."""
+    return ordered_matmul(x, w)
+
+
+@ordered_matmul_folded.def_vmap
+def _fold_batch(axis_size, in_batched, x, w):
+    x_batched, w_batched = in_batched
+    if x_batched and not w_batched and x.ndim == 3 and w.ndim == 2:  # [B, M, K] @ [K, N]
+        b, m, k = x.shape
+        return ordered_matmul_folded(x.reshape(b * m, k), w).reshape(b, m, w.shape[1]), True
+    if w_batched and not x_batched and w.ndim == 3 and x.ndim == 2:  # [M, K] @ [B, K, N]
+        b, k, n = w.shape
+        p = ordered_matmul_folded(x, jnp.moveaxis(w, 0, 1).reshape(k, b * n))  # [M, B*N]
+        return jnp.moveaxis(p.reshape(x.shape[0], b, n), 1, 0), True
+    return ordered_matmul(x, w), True  # otherwise: the leading axes broadcast
