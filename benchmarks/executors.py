@@ -40,7 +40,10 @@ Measurements
     and the peak RSS is that child's own (``os.wait4`` rusage ``ru_maxrss``).
     compile s = wall time of the first call minus its execution time (load, pre-pass, tracing
     and XLA compile; for numpy: decoding the program and building the machine).
-    run s = the best of ``--repeat`` executions (a run longer than 10 s is not repeated).
+    run s = the best of at least ``--repeat`` executions; runs are repeated until they add up
+    to ``--min-run-s`` seconds (at most :data:`MAX_RUNS`), the same rule for every executor,
+    so that a run of a few ms on a noisy machine has as many samples as it needs for a stable
+    best; a run longer than 10 s is not repeated.
     ``--interpreter-max-steps N`` stops (a) after N instructions on longer programs and
     extrapolates its run s from that rate (no identity check then).
     dynamic instr/s = dynamic instructions / run s.
@@ -189,13 +192,23 @@ def _state_hash(vram, mram, fpsram, intsram) -> str:
 # children: one (workload, executor) per process
 # ---------------------------------------------------------------------------------------------
 
+MAX_RUNS = 50  #: most executions of one measurement
+
+
+def more_runs(runs: list, repeat: int, min_s: float) -> bool:
+    """Whether a measurement runs again, given its run times so far (see "run s" above)."""
+    if runs and runs[-1] > 10:
+        return False
+    return len(runs) < repeat or (sum(runs) < min_s and len(runs) < MAX_RUNS)
+
+
 def has_executor_arg() -> bool:
     from plena.emu_jax import api
 
     return "executor" in inspect.signature(api.run).parameters
 
 
-def _child_emulator(wl, arrays, kw, executor: str, repeat: int, cap: int | None) -> dict:
+def _child_emulator(wl, arrays, kw, executor: str, repeat: int, cap: int | None, min_s: float = 0.0) -> dict:
     from plena.emu_jax import api
 
     out: dict = {}
@@ -215,9 +228,7 @@ def _child_emulator(wl, arrays, kw, executor: str, repeat: int, cap: int | None)
     r = api.run(words, cfg, **kw, **extra)
     first = time.perf_counter() - t0
     runs, walls = [r.run_s], []
-    for _ in range(repeat - 1):
-        if r.run_s > 10:
-            break
+    while more_runs(runs, repeat, min_s):
         t0 = time.perf_counter()
         r2 = api.run(words, cfg, **kw, **extra)
         walls.append(time.perf_counter() - t0)
@@ -237,25 +248,26 @@ def _child_emulator(wl, arrays, kw, executor: str, repeat: int, cap: int | None)
     return out
 
 
-def _child_numpy(wl, arrays, kw, repeat: int, max_s: float) -> dict:
+def _child_numpy(wl, arrays, kw, repeat: int, max_s: float, min_s: float = 0.0) -> dict:
     sys.path.insert(0, str(HERE))
     from numpy_interpreter import NumpyMachine
 
     cfg = _cfg(wl)
-    best = None
-    for i in range(repeat):
+    best, runs = None, []
+    while more_runs(runs, repeat, min_s):
         t0 = time.perf_counter()
         m = NumpyMachine(cfg, **kw)
         instrs = m.load(arrays["words"])
         setup = time.perf_counter() - t0
         st = m.run(instrs, max_steps=wl.max_steps, time_limit_s=max_s)
+        runs.append(st.run_s)
         if best is None or st.run_s < best[1].run_s:
             best = (setup, st, m)
         complete = st.finished or st.steps == wl.max_steps
-        if not complete or st.run_s > 10:
+        if not complete:
             break
     setup, st, m = best
-    out = dict(compile_s=setup, dynamic=st.steps, measured_steps=st.steps, measured_s=st.run_s, runs=i + 1)
+    out = dict(compile_s=setup, dynamic=st.steps, measured_steps=st.steps, measured_s=st.run_s, runs=len(runs))
     if st.finished or st.steps == wl.max_steps:
         out.update(run_s=st.run_s, hash=_state_hash(m.vram_bits(), m.mram_bits(), m.fpsram_bits(), m.intsram_words()))
     else:
@@ -309,7 +321,7 @@ def _golden_fn(wl, arrays):
     return None, None, "no golden equivalent", 1
 
 
-def _child_golden(wl, arrays, repeat: int) -> dict:
+def _child_golden(wl, arrays, repeat: int, min_s: float = 0.0) -> dict:
     import jax
 
     f, arg, what, times = _golden_fn(wl, arrays)
@@ -319,7 +331,7 @@ def _child_golden(wl, arrays, repeat: int) -> dict:
     jax.block_until_ready(f(arg))
     first = time.perf_counter() - t0
     runs = []
-    for _ in range(max(repeat, 2) - 1 if first < 60 else 1):
+    while not runs or (first < 60 and more_runs(runs, repeat - 1, min_s)):
         t0 = time.perf_counter()
         jax.block_until_ready(f(arg))
         runs.append(time.perf_counter() - t0)
@@ -332,11 +344,12 @@ def child_main(args) -> int:
     t0 = time.perf_counter()
     try:
         if args.child_executor in ("interpreter", "fast"):
-            out = _child_emulator(wl, arrays, kw, args.child_executor, args.repeat, args.interpreter_max_steps)
+            out = _child_emulator(wl, arrays, kw, args.child_executor, args.repeat, args.interpreter_max_steps,
+                                  args.min_run_s)
         elif args.child_executor == "numpy":
-            out = _child_numpy(wl, arrays, kw, args.repeat, args.numpy_max_s)
+            out = _child_numpy(wl, arrays, kw, args.repeat, args.numpy_max_s, args.min_run_s)
         else:
-            out = _child_golden(wl, arrays, args.repeat)
+            out = _child_golden(wl, arrays, args.repeat, args.min_run_s)
     except Exception as exc:  # reported in the table, not fatal for the benchmark
         out = dict(error=f"{type(exc).__name__}: {exc}")
     out["child_wall_s"] = time.perf_counter() - t0
@@ -352,7 +365,8 @@ def run_child(wl: Workload, executor: str, args) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         out_path = fh.name
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child-executor", executor, "--child-workload",
-           wl.folder, "--child-out", out_path, "--repeat", str(args.repeat), "--numpy-max-s", str(args.numpy_max_s)]
+           wl.folder, "--child-out", out_path, "--repeat", str(args.repeat), "--numpy-max-s", str(args.numpy_max_s),
+           "--min-run-s", str(args.min_run_s)]
     if args.interpreter_max_steps:
         cmd += ["--interpreter-max-steps", str(args.interpreter_max_steps)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -520,6 +534,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workloads", default=",".join(CONFORMANCE_WORKLOADS + tuple(DECODER_WORKLOADS)))
     ap.add_argument("--executors", default=",".join(EXECUTORS))
     ap.add_argument("--repeat", type=int, default=3, help="executions per measurement; the best counts")
+    ap.add_argument("--min-run-s", type=float, default=1.0,
+                    help="repeat a measurement until its runs add up to this many seconds (at most %d runs)" % MAX_RUNS)
     ap.add_argument("--quick", action="store_true", help="small decoder shape instead of SmolLM2-135M")
     ap.add_argument("--numpy-max-s", type=float, default=20.0, help="time cap of one numpy run (s)")
     ap.add_argument("--interpreter-max-steps", type=int, default=None,

@@ -315,6 +315,43 @@ def test_long_schedules_get_larger_blocks(monkeypatch):
     assert_same(a, b)
 
 
+def test_blocks_are_traced_one_at_a_time_biggest_first(monkeypatch):
+    """Tracing holds the GIL: prepare() traces one block at a time, the biggest first, so its
+    XLA compile (the longest) starts as soon as it alone is traced."""
+    import time
+
+    ops = ("V_ADD_VV", "V_MUL_VV", "V_SUB_VV")
+    loops = [["C_LOOP_START gp3, 64", *[f"{ops[i % 3]} gp1, gp2, gp2, 0" for i in range(n)],
+              "S_ADDI_INT gp1, gp1, 64", "C_LOOP_END gp3"] for n in (1, 8)]
+    src = [li(1, 64 * 64)] + loops[0] + loops[1]  # rows written (from 64) never read (row 0)
+    traced, sizes, real_lower, real_schedule = [], {}, fast.run_compiled.lower, fast.schedule
+
+    def schedule(*args, **kw):
+        steps = real_schedule(*args, **kw)
+        sizes.update({s.sig: s.size for s in steps if isinstance(s, fast.Block)})
+        return steps
+
+    class Recording:  # fast.run_compiled, recording when each block is traced
+        def lower(self, geo, sig, *args):
+            t0 = time.perf_counter()
+            out = real_lower(geo, sig, *args)
+            traced.append((sizes[sig], t0, time.perf_counter()))
+            return out
+
+        def clear_cache(self):
+            fast.run_compiled_real.clear_cache()
+
+    monkeypatch.setattr(fast, "run_compiled_real", fast.run_compiled, raising=False)
+    monkeypatch.setattr(fast, "run_compiled", Recording())
+    monkeypatch.setattr(fast, "schedule", schedule)
+    monkeypatch.setattr(fast, "_BLOCKS", {})
+    a, b = run_both(prog(src), fast_options=dict(unit=2))
+    assert_same(a, b)
+    assert len(traced) == len(sizes) >= 2
+    assert [t[0] for t in traced] == sorted(sizes.values(), reverse=True)
+    assert all(prev[2] <= nxt[1] for prev, nxt in zip(traced, traced[1:]))  # one at a time
+
+
 def test_error_inside_a_compiled_loop_reports_the_interpreters_pc():
     src = [li(1, 0), "C_LOOP_START gp2, 5", "V_ADD_VV gp1, gp1, gp1, 0", "S_ADDI_INT gp1, gp1, 96",
            "C_LOOP_END gp2"]  # the second iteration's address is not a multiple of VLEN

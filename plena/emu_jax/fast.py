@@ -34,6 +34,7 @@ import ctypes
 import dataclasses
 import functools
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -542,13 +543,14 @@ def prepare(prog: DecodedProgram, geo: Geometry, example_state: MachineState, *,
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                                       example_state)
     batch = None if batch_axes is None else example_state.vram.shape[0]
-    todo = {}
+    todo, sizes = {}, {}
     for step in steps:
         if isinstance(step, Block) and (geo, step.sig, batch) not in _BLOCKS and step.sig not in todo:
-            todo[step.sig] = step.operands.shape
+            todo[step.sig], sizes[step.sig] = step.operands.shape, step.size
 
     cold = [s for s in steps if isinstance(s, Interp)]
-    jobs: list = list(todo.items())
+    # the biggest blocks first: their compiles are the longest
+    jobs: list = sorted(todo.items(), key=lambda job: -sizes[job[0]])
     if interpreter is not None and cold:
         jobs.insert(0, ("interpreter", np.unique(np.concatenate([np.asarray(prog.opcode[s.lo:s.hi]) for s in cold]))))
 
@@ -559,15 +561,20 @@ def prepare(prog: DecodedProgram, geo: Geometry, example_state: MachineState, *,
             release_heap()
             return sig, fn
         ops = jax.ShapeDtypeStruct(shape, jnp.int32)
-        if batch_axes is None:
-            lowered = run_compiled.lower(geo, sig, ops, abstract)
-        else:
-            lowered = run_compiled_batched.lower(geo, sig, ops, abstract, batch_axes)
+        with tracing:
+            if batch_axes is None:
+                lowered = run_compiled.lower(geo, sig, ops, abstract)
+            else:
+                lowered = run_compiled_batched.lower(geo, sig, ops, abstract, batch_axes)
         fn = lowered.compile(COMPILER_OPTIONS)
         release_heap()  # after each compile: XLA's freed memory would otherwise pile up (peak RSS)
         return sig, fn
 
-    # XLA compiles outside the GIL: blocks compile in parallel
+    # XLA compiles outside the GIL: blocks compile in parallel. Tracing holds the GIL, so
+    # blocks are traced one at a time (the lock), in job order: the first block's XLA
+    # compile starts as soon as it alone is traced, instead of when all the traces
+    # interleaved on the GIL are done.
+    tracing = threading.Lock()
     cold_fn = None
     with concurrent.futures.ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
         for sig, fn in pool.map(build, jobs):
