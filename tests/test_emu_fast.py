@@ -483,3 +483,34 @@ def test_register_only_opcodes_read_no_memory(name):
     assert int(eff.err) == 0
     with pytest.raises((TypeError, AttributeError)):  # the same call reaching a memory fails this way
         dispatch.IMPLEMENTATIONS["S_LD_FP"](geo, bare, f)
+
+
+def test_a_run_compiles_nothing_but_its_blocks():
+    """Loading compiles no XLA programs: the initial state, the program's fields and the
+    blocks' operands go to the device with device_put (jnp.zeros / jnp.asarray compile a small
+    program per shape: ~0.55 s of a cold run's load on a slow 2-core machine). A second run of
+    a program whose blocks are compiled compiles nothing at all."""
+    import logging
+
+    import jax
+
+    src = ["C_LOOP_START gp3, 8", "V_ADD_VV gp1, gp2, gp2, 0", "S_ADDI_INT gp1, gp1, 64", "C_LOOP_END gp3"]
+    words = prog([li(1, 64 * 64)] + src)
+    api.run(words, CFG, executor="fast")  # compiles the blocks (kept in fast._BLOCKS)
+    jax.clear_caches()  # forget every small program a run might compile again
+    compiled = []
+
+    class Record(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("Compiling "):
+                compiled.append(record.getMessage()[:80])
+
+    handler = Record()
+    logging.getLogger("jax").addHandler(handler)
+    try:
+        with jax.log_compiles():
+            r = api.run(words, CFG, executor="fast")
+    finally:
+        logging.getLogger("jax").removeHandler(handler)
+    assert r.executor == "fast"
+    assert compiled == []

@@ -158,11 +158,11 @@ def check_inputs(cfg: PlenaConfig, *, hbm=None, fpsram=None, intsram=None, vram=
 
 def program_fields(prog: DecodedProgram, geo: Geometry) -> Fields:
     pad = geo.prog_len - len(prog)
-    return Fields(*(jnp.asarray(np.pad(getattr(prog, name), (0, pad))) for name in Fields._fields))
+    return Fields(*(jax.device_put(np.pad(getattr(prog, name), (0, pad))) for name in Fields._fields))
 
 
 def step_limit(max_steps: int | None):
-    return jnp.int32(min(max_steps if max_steps is not None else 2**31 - 1, 2**31 - 1))
+    return jax.device_put(np.int32(min(max_steps if max_steps is not None else 2**31 - 1, 2**31 - 1)))
 
 
 def finish(prog: DecodedProgram, final: MachineState, cfg: PlenaConfig):
@@ -252,7 +252,7 @@ def run(program, cfg: PlenaConfig | None = None, *, hbm=None, fpsram=None, intsr
                        hbm_capacity=inp.capacity)
     st = init_state(geo, hbm_capacity=inp.capacity, hbm=inp.hbm, fpsram=inp.fpsram, intsram=inp.intsram,
                     vram=inp.vram)
-    fields, n, limit = program_fields(prog, geo), jnp.int32(len(prog)), step_limit(max_steps)
+    fields, n, limit = program_fields(prog, geo), jax.device_put(np.int32(len(prog))), step_limit(max_steps)
     ex = None
 
     def prepare_fast(state, **extra):

@@ -587,8 +587,9 @@ def prepare(prog: DecodedProgram, geo: Geometry, example_state: MachineState, *,
         (run_compiled if batch_axes is None else run_compiled_batched).clear_cache()
         release_heap()
     fresh = len(todo)
-    steps = [dataclasses.replace(s, operands=jnp.asarray(s.operands)) if isinstance(s, Block)
-             else dataclasses.replace(s, hi=jnp.int32(s.hi)) for s in steps]
+    # host arrays go over with device_put (jnp.asarray compiles a small program per shape)
+    steps = [dataclasses.replace(s, operands=jax.device_put(s.operands)) if isinstance(s, Block)
+             else dataclasses.replace(s, hi=jax.device_put(np.int32(s.hi))) for s in steps]
     return Executable(geo, steps, compiled, time.perf_counter() - t0, fresh, cold_fn)
 
 
@@ -598,7 +599,7 @@ def execute(ex: Executable, interpreter, fields, st: MachineState, *, progress=N
     device only to report ``progress(done, total)`` (at most every ``every_s`` seconds)."""
     import time
 
-    limit = jnp.int32(2**31 - 1)
+    limit = jax.device_put(np.int32(2**31 - 1))
     done, last = 0, time.perf_counter()
     for step in ex.steps:
         if isinstance(step, Interp):  # the state's pc is step.lo (see schedule)
@@ -615,7 +616,6 @@ def execute(ex: Executable, interpreter, fields, st: MachineState, *, progress=N
 
 def finish_state(final: MachineState, plan, n_instr: int) -> MachineState:
     """The executor's final state in the interpreter's terms (pc past the end, counts)."""
-    return final._replace(pc=jnp.int32(n_instr), sub=jnp.int32(0),
-                          counts=jnp.asarray(np.asarray(plan.counts, np.int32)),
-                          skipped=jnp.asarray(np.asarray(plan.skipped, np.int32)),
-                          steps=jnp.int32(plan.dynamic_instructions))
+    put = lambda value: jax.device_put(np.asarray(value, np.int32))  # noqa: E731
+    return final._replace(pc=put(n_instr), sub=put(0), counts=put(plan.counts), skipped=put(plan.skipped),
+                          steps=put(plan.dynamic_instructions))

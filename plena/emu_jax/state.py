@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -139,23 +140,28 @@ def init_state(geo: Geometry, *, hbm_capacity: int, hbm: np.ndarray | None = Non
     if vram is not None and len(vram):
         n = min(len(vram), geo.vram_rows * c.vlen)
         vr[:n] = to_container_np(np.asarray(vram)[:n], vdt, c.precision.vector_sram_type.data)
-    z32 = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
+    # every field made on the host and transferred with device_put: jnp.zeros, jnp.asarray and
+    # jnp.int32 each compile a small XLA program per shape and dtype (~0.55 s of a cold run's
+    # load on a slow 2-core machine)
+    put = lambda value, dtype: jax.device_put(np.asarray(value, dtype))  # noqa: E731
+    zeros = lambda shape, dtype: put(np.zeros(shape, dtype), dtype)  # noqa: E731
+    z32 = lambda *s: zeros(s, np.float32)  # noqa: E731
     return MachineState(
-        pc=jnp.int32(0), sub=jnp.int32(0),
-        gp=jnp.zeros(16, jnp.uint32), fp=jnp.zeros(FP_REGS, fdt),
-        a_hi=jnp.zeros(16, jnp.uint32), a_lo=jnp.zeros(16, jnp.uint32),
-        scale=jnp.uint32(0), stride=jnp.uint32(1), vmask=jnp.uint32(0),
-        loop_pc=jnp.zeros(d, jnp.int32), loop_reg=jnp.full(d, -1, jnp.int32),
-        loop_cnt=jnp.zeros(d, jnp.int32), loop_sp=jnp.int32(0),
-        fpsram=jnp.asarray(fps), intsram=jnp.asarray(ints),
-        vram=jnp.asarray(vr.reshape(geo.vram_rows + 1, c.vlen)),
+        pc=put(0, np.int32), sub=put(0, np.int32),
+        gp=zeros(16, np.uint32), fp=zeros(FP_REGS, fdt),
+        a_hi=zeros(16, np.uint32), a_lo=zeros(16, np.uint32),
+        scale=put(0, np.uint32), stride=put(1, np.uint32), vmask=put(0, np.uint32),
+        loop_pc=zeros(d, np.int32), loop_reg=put(np.full(d, -1), np.int32),
+        loop_cnt=zeros(d, np.int32), loop_sp=put(0, np.int32),
+        fpsram=put(fps, fdt), intsram=put(ints, np.uint32),
+        vram=put(vr.reshape(geo.vram_rows + 1, c.vlen), vdt),
         mram=z32(geo.mram_tiles + 1, c.mlen, c.mlen),
-        hbm=jnp.asarray(hbm_arr),
+        hbm=put(hbm_arr, np.uint8),
         m_acc=z32(c.blen, c.blen), v_acc=z32(c.blen),
         hm_acc=z32(c.broadcast_amount, c.mlen, c.mlen), hv_acc=z32(c.broadcast_amount, c.mlen),
-        counts=jnp.zeros(64, jnp.int32), skipped=jnp.zeros(64, jnp.int32),
-        topk_experts=jnp.int32(0),
-        hbm_rd_blocks=jnp.uint32(0), hbm_wr_blocks=jnp.uint32(0),
-        hbm_cap_hi=jnp.uint32(hbm_capacity >> 32), hbm_cap_lo=jnp.uint32(hbm_capacity & 0xFFFFFFFF),
-        steps=jnp.int32(0), err=jnp.int32(0), err_pc=jnp.int32(-1),
+        counts=zeros(64, np.int32), skipped=zeros(64, np.int32),
+        topk_experts=put(0, np.int32),
+        hbm_rd_blocks=put(0, np.uint32), hbm_wr_blocks=put(0, np.uint32),
+        hbm_cap_hi=put(hbm_capacity >> 32, np.uint32), hbm_cap_lo=put(hbm_capacity & 0xFFFFFFFF, np.uint32),
+        steps=put(0, np.int32), err=put(0, np.int32), err_pc=put(-1, np.int32),
     )
