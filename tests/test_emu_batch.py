@@ -143,3 +143,26 @@ def test_batch_sharded_over_host_devices(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert "sharded-ok" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("executor", ["interpreter", "fast"])
+def test_batch_of_head_products_equals_sequential_runs(executor):
+    """M_BTMM over a batch: per set a product of BA heads ([BA, MLEN, HLEN]) with one matrix,
+    with both operands differing between the sets (VRAM rows and the MX tile from HBM)."""
+    from asm_helpers import li, prog
+
+    words = prog([li(1, 64 * 64), "C_SET_SCALE_REG gp1", "H_PREFETCH_M gp0, gp0, a0, 0, 0",
+                  "M_BTMM 0, gp0, gp0", li(6, 100 * 64), "M_BMM_WO gp6, 0"])
+    rng = np.random.default_rng(7)
+    hbms, vrams = [], []
+    for _ in range(3):
+        hbm = np.zeros(8192, np.uint8)
+        hbm[:4096] = rng.integers(0, 0x70, 4096)  # e4m3 codes, finite
+        hbm[4096:4608] = rng.integers(120, 130, 512)  # E8M0 scales near 1
+        hbms.append(hbm)
+        vrams.append(rng.standard_normal(64 * 64).astype(np.float32))
+    batch = run_batch(words, hbm=hbms, vram=vrams, hbm_size=1 << 16, executor=executor)
+    for i in range(3):
+        single = run(words, hbm=hbms[i], vram=vrams[i], hbm_size=1 << 16)
+        np.testing.assert_array_equal(batch.dumps(i).vram, single.dumps().vram)
+    assert not np.array_equal(batch.dumps(0).vram, batch.dumps(1).vram)

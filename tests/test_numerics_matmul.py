@@ -82,6 +82,11 @@ VMAPS = {
                      lambda x, w: sequential(x[None], w[:, None])),
     "both of rows": (lambda f: jax.vmap(jax.vmap(f, (0, None)), (0, 0)), (3, 6, 4, 16), (3, 16, 4),
                      lambda x, w: sequential(x, w[:, None])),
+    # per lane a batch of heads times one matrix (M_BMM / M_BTMM): x [H, M, K] @ w [K, N];
+    # H = 3 = the vmapped size, so a wrong pairing of axes would not raise
+    "heads, cols": (lambda f: jax.vmap(f, (None, 0)), (3, 4, 16), (3, 16, 4), lambda x, w: sequential(x[None], w[:, None])),
+    "heads, both": (lambda f: jax.vmap(f, (0, 0)), (2, 3, 4, 16), (2, 16, 4), lambda x, w: sequential(x, w[:, None])),
+    "heads, rows": (lambda f: jax.vmap(f, (0, None)), (2, 3, 4, 16), (16, 4), lambda x, w: sequential(x, w)),
 }
 
 

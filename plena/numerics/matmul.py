@@ -78,4 +78,11 @@ def _fold_batch(axis_size, in_batched, x, w):
         b, k, n = w.shape
         p = ordered_matmul_folded(x, jnp.moveaxis(w, 0, 1).reshape(k, b * n))  # [M, B*N]
         return jnp.moveaxis(p.reshape(x.shape[0], b, n), 1, 0), True
-    return ordered_matmul(x, w), True  # otherwise: the leading axes broadcast
+    # otherwise one broadcasting product: the batch axis first on both operands (size 1 where
+    # unbatched), and the shorter operand's own leading axes padded with 1s after it, so that
+    # they line up with the other's as they do per lane
+    x, w = (x if x_batched else x[None]), (w if w_batched else w[None])
+    lead = max(x.ndim, w.ndim)
+    x = x.reshape(x.shape[:1] + (1,) * (lead - x.ndim) + x.shape[1:])
+    w = w.reshape(w.shape[:1] + (1,) * (lead - w.ndim) + w.shape[1:])
+    return ordered_matmul(x, w), True
