@@ -8,6 +8,7 @@ scalar-SRAM words) that the step function applies after the dispatch.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax.numpy as jnp
@@ -89,22 +90,37 @@ def hbm_elem_slot(geo: Geometry) -> int:
     return max(vlen, max(vlen * w.width // 8 for w in widths))
 
 
+@functools.lru_cache(maxsize=64)
+def _no_writes(geo: Geometry) -> dict:
+    """The Effect fields that say "no write", as numpy constants made once per geometry: they
+    cost nothing to trace (a jnp.zeros is an operation in every instruction's trace) and are
+    constants in XLA. (Not jax arrays: JAX passes captured jax arrays to a compiled function
+    as extra arguments, which ahead-of-time compiled calls do not supply.)"""
+    c = geo.cfg
+
+    def const(x):
+        x = np.asarray(x)
+        x.setflags(write=False)
+        return x
+
+    no_sram = const(np.full((TOPK_MAX,), SRAM_WORDS, np.int32))
+    return dict(
+        vram_row=const(np.int32(geo.vram_rows)), vram_data=const(np.zeros(c.vlen, geo.vram_container)),
+        mram_tile=const(np.int32(geo.mram_tiles)), mram_row=const(np.int32(0)),
+        mram_data=const(np.zeros(c.mlen, np.float32)),
+        hbm_e_idx=const(np.int32(geo.hbm_bytes)), hbm_e_data=const(np.zeros(hbm_elem_slot(geo), np.uint8)),
+        hbm_s_idx=const(np.int32(geo.hbm_bytes + c.vlen + 64)),
+        hbm_s_data=const(np.zeros(hbm_scale_bytes(geo), np.uint8)),
+        fps_idx=no_sram, fps_val=const(np.zeros(TOPK_MAX, geo.fp_container)),
+        ints_idx=no_sram, ints_val=const(np.zeros(TOPK_MAX, np.uint32)),
+        hbm_rd=const(np.uint32(0)), hbm_wr=const(np.uint32(0)), topk_e=const(np.int32(0)), err=const(np.int32(0)),
+    )
+
+
 def no_effect(geo: Geometry, st: MachineState) -> Effect:
     """The effect of an instruction that changes nothing but the pc."""
-    c = geo.cfg
-    no_sram = jnp.full((TOPK_MAX,), SRAM_WORDS, jnp.int32)
     return Effect(
         gp=st.gp, fp=st.fp, a_hi=st.a_hi, a_lo=st.a_lo, scale=st.scale, stride=st.stride,
         vmask=st.vmask, loop_pc=st.loop_pc, loop_reg=st.loop_reg, loop_cnt=st.loop_cnt,
         loop_sp=st.loop_sp, m_acc=st.m_acc, v_acc=st.v_acc, hv_acc=st.hv_acc,
-        hm_acc=st.hm_acc, next_pc=st.pc + 1,
-        vram_row=jnp.int32(geo.vram_rows), vram_data=jnp.zeros(c.vlen, geo.vram_container),
-        mram_tile=jnp.int32(geo.mram_tiles), mram_row=jnp.int32(0),
-        mram_data=jnp.zeros(c.mlen, jnp.float32),
-        hbm_e_idx=jnp.int32(geo.hbm_bytes), hbm_e_data=jnp.zeros(hbm_elem_slot(geo), jnp.uint8),
-        hbm_s_idx=jnp.int32(geo.hbm_bytes + c.vlen + 64),
-        hbm_s_data=jnp.zeros(hbm_scale_bytes(geo), jnp.uint8),
-        fps_idx=no_sram, fps_val=jnp.zeros(TOPK_MAX, geo.fp_container),
-        ints_idx=no_sram, ints_val=jnp.zeros(TOPK_MAX, jnp.uint32),
-        hbm_rd=jnp.uint32(0), hbm_wr=jnp.uint32(0), topk_e=jnp.int32(0), err=jnp.int32(0),
-    )
+        hm_acc=st.hm_acc, next_pc=st.pc + 1, **_no_writes(geo))

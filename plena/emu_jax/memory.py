@@ -7,6 +7,7 @@ instead of raising; the step function keeps the first error of an instruction.
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from plena.emu_jax.errors import Err
@@ -30,6 +31,19 @@ def first_err(*codes) -> jnp.ndarray:
         code = jnp.asarray(code, I32)
         out = jnp.where(code != 0, code, out)
     return out
+
+
+def pick(cond, a, b):
+    """``jnp.where(cond, a, b)`` for a condition on instruction fields. The fast executor's
+    fields are numpy constants (:meth:`plena.emu_jax.effects.Fields.of_key`): the condition
+    is then known while tracing and only the chosen value is built (``a`` and ``b`` may be
+    callables, called only when chosen), so an instruction emits no code for the variant it
+    is not. ``a`` and ``b`` must have the result's shape and dtype."""
+    if isinstance(cond, (bool, np.bool_)):
+        chosen = a if cond else b
+        return chosen() if callable(chosen) else chosen
+    a, b = (x() if callable(x) else x for x in (a, b))
+    return jnp.where(cond, a, b)
 
 
 def err_if(cond, code: Err) -> jnp.ndarray:

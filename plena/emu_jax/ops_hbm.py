@@ -18,7 +18,7 @@ import numpy as np
 
 from plena.emu_jax.effects import hbm_elem_slot, hbm_scale_bytes, no_effect
 from plena.emu_jax.errors import Err
-from plena.emu_jax.memory import (U32, add64, blocks_touched, err_if, first_err, hbm_index, past_end64, hbm_read,
+from plena.emu_jax.memory import (U32, add64, blocks_touched, err_if, first_err, hbm_index, past_end64, hbm_read, pick,
                                   mram_tile, read_rows_bits, to_vram_bits, u32, vram_row, write_target)
 from plena.emu_jax.state import Geometry
 from plena.numerics.containers import bits_to_f32, container_problem
@@ -167,7 +167,7 @@ def _row_addresses(geo: Geometry, st, f, row_bytes: int, ratio: int):
     the bytes of one row; equal to the row length for 8-bit elements as in the reference)."""
     base_hi, base_lo = st.a_hi[f.rs2], st.a_lo[f.rs2]
     off = st.gp[f.rs1]
-    stride = jnp.where(f.rs3 == 1, st.stride, U32(row_bytes))
+    stride = pick(f.rs3 == 1, st.stride, U32(row_bytes))
     i = u32(st.sub)
     e_hi, e_lo = add64(*add64(base_hi, base_lo, off), i * stride)
     s_hi, s_lo = add64(*add64(base_hi, base_lo, st.scale), off // U32(ratio))

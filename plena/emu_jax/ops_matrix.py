@@ -15,7 +15,7 @@ from jax import lax
 
 from plena.emu_jax.effects import no_effect
 from plena.emu_jax.errors import Err
-from plena.emu_jax.memory import (U32, err_if, first_err, mram_tile, read_rows_bits, read_vram, tile_cols,
+from plena.emu_jax.memory import (U32, err_if, first_err, mram_tile, pick, read_rows_bits, read_vram, tile_cols,
                                   tile_full, tile_rows, to_vram_bits, vram_block, u32, vram_row, write_target)
 
 from plena.numerics import ieee
@@ -90,11 +90,21 @@ def _wo_target(geo, v_addr, row_addr, *errs):
     return row, target, first_err(*errs, er, ew)
 
 
+def _place(row, data, col):
+    """``row`` with ``data`` written from column ``col`` (clamped into the row, as
+    dynamic_update_slice does). A row as wide as the data is the data: no update, which
+    under ``vmap`` with a batched column would become a scatter (vectorise reads BLEN-wide
+    zero rows for M_MM_WO, and a scatter keeps XLA from compiling the loop around it whole)."""
+    if row.shape == data.shape:
+        return data
+    return lax.dynamic_update_slice(row, data, (col,))
+
+
 def m_mm_wo(geo, st, f):
     """Row i = st.sub of BLEN: VRAM[base + i*MLEN*s][col:col+BLEN] = bf16(m_acc[i])."""
     c = geo.cfg
     v_addr = st.gp[f.rd] + u32(f.imm18)
-    s = jnp.where(f.rs1 == 0, U32(1), st.gp[f.rs1])
+    s = pick(f.rs1 == 0, U32(1), lambda: st.gp[f.rs1])
     col = v_addr % U32(c.mlen)
     base = v_addr - col
     i = st.sub
@@ -102,7 +112,7 @@ def m_mm_wo(geo, st, f):
     row, target, err = _wo_target(geo, v_addr, row_addr, err_if(col % U32(c.blen) != 0, Err.WO_COLUMN))
     old = read_rows_bits(geo, st.vram, row)[0]
     colc = jnp.minimum(col, U32(c.mlen - c.blen)).astype(jnp.int32)
-    new = lax.dynamic_update_slice(old, to_vram_bits(st.m_acc[jnp.minimum(i, c.blen - 1)], geo), (colc,))
+    new = _place(old, to_vram_bits(st.m_acc[jnp.minimum(i, c.blen - 1)], geo), colc)
     last = i == c.blen - 1
     e = no_effect(geo, st)
     return e._replace(vram_row=target, vram_data=new, m_acc=jnp.where(last, 0.0, st.m_acc), err=err)

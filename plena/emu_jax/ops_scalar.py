@@ -50,7 +50,8 @@ def s_ld_int(geo, st, f):
 def s_st_int(geo, st, f):
     idx, err = sram_index(st.gp[f.rs1] + f.imm18.astype(U32), Err.INTSRAM_RANGE)
     e = no_effect(geo, st)
-    return e._replace(ints_idx=e.ints_idx.at[0].set(idx), ints_val=e.ints_val.at[0].set(st.gp[f.rd]), err=err)
+    return e._replace(ints_idx=jnp.asarray(e.ints_idx).at[0].set(idx),
+                      ints_val=jnp.asarray(e.ints_val).at[0].set(st.gp[f.rd]), err=err)
 
 
 # ------------------------------------------------------------------ scalar floating point
@@ -106,7 +107,8 @@ def s_st_fp(geo, st, f):
     bad = err_if(f.rd >= st.fp.shape[0], Err.FP_REG)
     e = no_effect(geo, st)
     val = st.fp[jnp.minimum(f.rd, st.fp.shape[0] - 1)]
-    return e._replace(fps_idx=e.fps_idx.at[0].set(idx), fps_val=e.fps_val.at[0].set(val), err=first_err(bad, err))
+    return e._replace(fps_idx=jnp.asarray(e.fps_idx).at[0].set(idx), fps_val=jnp.asarray(e.fps_val).at[0].set(val),
+                      err=first_err(bad, err))
 
 
 def s_map_v_fp(geo, st, f):

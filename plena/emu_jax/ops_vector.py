@@ -12,7 +12,7 @@ from jax import lax
 
 from plena.emu_jax.effects import Fields, no_effect
 from plena.emu_jax.errors import Err
-from plena.emu_jax.memory import (to_fp_bits, U32, err_if, first_err, fp_read, read_rows_bits, read_vram,
+from plena.emu_jax.memory import (to_fp_bits, U32, err_if, first_err, fp_read, pick, read_rows_bits, read_vram,
                                   sram_index, to_vram_bits, vram_row, write_target)
 from plena.emu_jax.state import TOPK_MAX, Geometry
 from plena.numerics import ieee, unary
@@ -28,6 +28,11 @@ def head_mask(geo: Geometry, st, f: Fields):
     bit = (st.vmask >> (head % U32(32))) & U32(1)
     in_heads = lane < (c.vlen // c.hlen) * c.hlen
     return jnp.where(f.rs3 == 0, True, (bit == 1) & in_heads)
+
+
+def masked(geo: Geometry, st, f: Fields, new, old):
+    """``new`` where the op updates (:func:`head_mask`), else ``old``."""
+    return pick(f.rs3 == 0, lambda: new, lambda: jnp.where(head_mask(geo, st, f), new, old))
 
 
 def _write_row(geo, st, f, values_f32, *errs):
@@ -47,7 +52,7 @@ def _elementwise(op, scalar_operand: bool):
             b, eb = read_vram(geo, st, st.gp[f.rs2])
             b = b[0]
         r = op(a, b, f)
-        out = jnp.where(head_mask(geo, st, f), r, a)
+        out = masked(geo, st, f, r, a)
         return _write_row(geo, st, f, out, ea, eb)
     return run
 
@@ -65,7 +70,7 @@ v_add_vv = _elementwise(lambda a, b, f: ieee.add(a, b), False)
 v_sub_vv = _elementwise(lambda a, b, f: ieee.sub(a, b), False)
 v_mul_vv = _elementwise(lambda a, b, f: ieee.mul(a, b), False)
 v_add_vf = _elementwise(lambda a, s, f: ieee.add(a, s), True)
-v_sub_vf = _elementwise(lambda a, s, f: jnp.where(f.funct1 == 0, ieee.sub(a, s), ieee.sub(s, a)), True)
+v_sub_vf = _elementwise(lambda a, s, f: pick(f.funct1 == 0, lambda: ieee.sub(a, s), lambda: ieee.sub(s, a)), True)
 v_mul_vf = _elementwise(lambda a, s, f: ieee.mul(a, s), True)
 v_max_vf = _elementwise(lambda a, s, f: _clamp_min(a, s), True)
 v_min_vf = _elementwise(lambda a, s, f: _clamp_max(a, s), True)
@@ -76,8 +81,12 @@ def _unary_row(name: str, masked_off: str):
         row, err = vram_row(geo, st.gp[f.rs1])
         bits = read_rows_bits(geo, st.vram, row)[0]
         r = unary.apply_bits(name, bits)
-        keep = unary.apply_bits(masked_off, bits) if masked_off != "identity" else bits_to_f32(bits)
-        return _write_row(geo, st, f, jnp.where(head_mask(geo, st, f), r, keep), err)
+
+        def keep():
+            return unary.apply_bits(masked_off, bits) if masked_off != "identity" else bits_to_f32(bits)
+
+        out = pick(f.rs3 == 0, lambda: r, lambda: jnp.where(head_mask(geo, st, f), r, keep()))
+        return _write_row(geo, st, f, out, err)
     return run
 
 
@@ -91,10 +100,14 @@ def v_red_sum(geo, st, f):
     a, ea = read_vram(geo, st, st.gp[f.rs1])
     a = a[0]
     heads = c.vlen // c.hlen
-    head_sums = torch_sum(a[: heads * c.hlen].reshape(heads, c.hlen))  # masked: head -> its sum
-    replaced = jnp.where(head_mask(geo, st, f)[: heads * c.hlen],
-                         jnp.repeat(head_sums, c.hlen), a[: heads * c.hlen])
-    row = jnp.where(f.rs3 == 0, a, jnp.concatenate([replaced, a[heads * c.hlen:]]))
+
+    def heads_summed():  # masked: each selected head -> its sum
+        head_sums = torch_sum(a[: heads * c.hlen].reshape(heads, c.hlen))
+        replaced = jnp.where(head_mask(geo, st, f)[: heads * c.hlen],
+                             jnp.repeat(head_sums, c.hlen), a[: heads * c.hlen])
+        return jnp.concatenate([replaced, a[heads * c.hlen:]])
+
+    row = pick(f.rs3 == 0, a, heads_summed)
     acc, er = fp_read(st, f.rd)
     return _fp_dest(geo, st, f, ieee.add(acc, torch_sum(row)), ea, er)
 

@@ -495,6 +495,20 @@ def _lanes(geo: Geometry, sig, ops, st: MachineState):
         err_pcs.reshape(-1)
 
 
+#: a lane's rows are written one by one, unrolled up to this many; more run as a loop (the
+#: code of a commit then does not grow with the rows an M_MM_WO writes)
+UNROLL_ROWS = 2
+
+
+def _each(n: int, fn, carry):
+    """``fn(j, carry)`` for j in 0..n-1: unrolled when short, else a fori_loop."""
+    if n <= UNROLL_ROWS:
+        for j in range(n):
+            carry = fn(j, carry)
+        return carry
+    return lax.fori_loop(0, n, fn, carry)
+
+
 def _read_after_write(geo: Geometry, all_rows, r_row, r_own):
     """Whether a lane reads a row an earlier lane wrote. A table holds, per row, the first
     lane that writes it: the lanes' rows are put in from the last lane to the first, one
@@ -507,10 +521,12 @@ def _read_after_write(geo: Geometry, all_rows, r_row, r_own):
 
     def put(i, table):
         k = n_lanes - 1 - i
-        for j in range(per_lane):
+
+        def one(j, table):
             row = all_rows[k, j]
-            table = lax.dynamic_update_slice(table, k[None], (jnp.where(row >= 0, row, nowhere),))
-        return table
+            return lax.dynamic_update_slice(table, k[None], (jnp.where(row >= 0, row, nowhere),))
+
+        return _each(per_lane, one, table)
 
     first = lax.fori_loop(0, n_lanes, put, jnp.full(geo.vram_rows + 2, big, I32))
     first = lax.dynamic_update_slice(first, big[None], (nowhere,))
@@ -530,16 +546,19 @@ def _commit_in_order(geo: Geometry, vram, whole, span):
     sink = geo.vram_rows
     target = lambda row: jnp.where((row >= 0) & (row < geo.vram_rows), row, sink)  # noqa: E731
 
+    def whole_row(k, j, v):
+        row = target(w_row[k, j])
+        old = lax.dynamic_slice(v, (row, 0), (1, vlen))[0]
+        return lax.dynamic_update_slice(v, jnp.where(w_mask[k, j], w_data[k, j], old)[None], (row, 0))
+
+    def span_row(k, j, v):
+        row, col = target(s_row[k, j]), s_col[k, j]
+        old = lax.dynamic_slice(v, (row, col), (1, blen))[0]
+        return lax.dynamic_update_slice(v, jnp.where(s_mask[k, j], s_data[k, j], old)[None], (row, col))
+
     def lane(k, v):
-        for j in range(w_row.shape[1]):
-            row = target(w_row[k, j])
-            old = lax.dynamic_slice(v, (row, 0), (1, vlen))[0]
-            v = lax.dynamic_update_slice(v, jnp.where(w_mask[k, j], w_data[k, j], old)[None], (row, 0))
-        for j in range(s_row.shape[1]):
-            row, col = target(s_row[k, j]), s_col[k, j]
-            old = lax.dynamic_slice(v, (row, col), (1, blen))[0]
-            v = lax.dynamic_update_slice(v, jnp.where(s_mask[k, j], s_data[k, j], old)[None], (row, col))
-        return v
+        v = _each(w_row.shape[1], lambda j, v: whole_row(k, j, v), v)
+        return _each(s_row.shape[1], lambda j, v: span_row(k, j, v), v)
 
     n_lanes = max(w_row.shape[0], s_row.shape[0])
     return lax.fori_loop(0, n_lanes, lane, vram)
