@@ -487,11 +487,16 @@ def release_heap() -> None:
         pass
 
 
-#: XLA options for blocks: XLA's defaults. Optimisation level 0 compiled faster but ran the
-#: tensor instructions 2-3x slower once register-only instructions lost their barriers
-#: (V_MUL_VF 3.5 vs 1.05 us per instruction); with HOT = 32 the small 8-layer decoder's
-#: blocks compile in about the same time either way.
-COMPILER_OPTIONS: dict = {}
+#: XLA options for the blocks (per compile; the rest of the process keeps XLA's defaults).
+#: XLA:CPU's MLIR fusion emitters compile each fusion outside a hoisted loop as its own
+#: module with its own MLIR context, ~20-25 ms of CPU each; the older emitter is cheaper per
+#: fusion. Measured in one run of benchmarks/executors.py --quick per setting, three times:
+#: ci_flash_attention compiled in 8.0 / 7.6 / 6.8 s against 10.1 / 8.1 / 9.8 s with the
+#: default, at 5.3-6.6 M instr/s either way; the one-layer decoder in 19-25 instead of 25-32
+#: s, its steps ~5 % slower (the SiLU lanes block 0.85 -> 1.10 ms, the attention
+#: projections 1.62 -> 1.82 ms, the residual adds 0.85 -> 0.71 ms). Optimisation level 0
+#: compiled faster still but ran 6x slower.
+COMPILER_OPTIONS: dict = {"xla_cpu_use_fusion_emitters": False}
 
 
 @dataclasses.dataclass
