@@ -72,3 +72,20 @@ def test_v_red_sum_sums_heads_only_when_masked(monkeypatch, rs3, sums):
     monkeypatch.setattr(ops_vector, "torch_sum", lambda x: calls.append(x.shape) or real(x))
     _trace(geo, abstract, "V_RED_SUM", rd=1, rs1=2, rs2=0, rs3=rs3)
     assert len(calls) == sums, calls
+
+
+def test_rules_on_known_fields_add_no_operations():
+    """err_if on a condition known while tracing (an instruction field in the fast executor)
+    is a constant, and first_err skips known zeros, yet keeps the order of the rules: the
+    first rule that fails wins, known or traced."""
+    from plena.emu_jax.errors import Err
+
+    fine, bad = memory.err_if(np.int32(3) >= 8, Err.FP_REG), memory.err_if(np.int32(9) >= 8, Err.FP_REG)
+    assert (fine, bad) == (0, int(Err.FP_REG))
+    traced = jax.make_jaxpr(lambda c: memory.first_err(fine, memory.err_if(c, Err.VRAM_RANGE), fine))(True)
+    assert len(traced.eqns) <= 3, traced  # the traced rule alone (select, compare, select)
+    run = jax.jit(lambda c, first: memory.first_err(bad if first else fine, memory.err_if(c, Err.VRAM_RANGE), bad),
+                  static_argnums=1)
+    assert int(run(True, True)) == int(Err.FP_REG)  # a known failing rule before the traced one
+    assert int(run(True, False)) == int(Err.VRAM_RANGE)  # the traced rule before a known one
+    assert int(run(False, False)) == int(Err.FP_REG)

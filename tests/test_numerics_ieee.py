@@ -108,3 +108,21 @@ def test_exp_f32_is_the_float64_value_rounded_once():
     assert _same(got, want).all(), [(x, g, w) for x, g, w in zip(d, got, want) if not _same(g, w)][:5]
     xla = np.asarray(jax.jit(jnp.exp)(d))
     assert (~_same(xla, want)).sum() > 1000  # XLA's exp is not correctly rounded: the reason for exp_f32
+
+
+@pytest.mark.parametrize("k", [0, 1, 30, 64, 120])
+def test_a_constant_scale_gives_the_bits_of_a_traced_one(k):
+    """scale_up_exact / scale_down_exact with a Python int k fold its constants while tracing
+    (the exact add calls them with k = 64 in every instruction); the bits are those of the
+    same scale given as a traced int32, for normal, subnormal and special values."""
+    rng = np.random.default_rng(k)
+    x = np.concatenate([rng.standard_normal(500) * np.float32(2.0 ** -130), rng.standard_normal(500),
+                        np.float32([0.0, -0.0, np.inf, -np.inf, np.nan, 1.4e-45])]).astype(np.float32)
+    up = jax.jit(lambda v, kk: (ieee.scale_up_exact(v, k), ieee.scale_up_exact(v, kk)))
+    a, b = up(x, jnp.int32(k))
+    assert _same(np.asarray(a), np.asarray(b)).all()
+    down = jax.jit(lambda v, kk: (ieee.scale_down_exact(v, k), ieee.scale_down_exact(v, kk)))
+    c, d = down(a, jnp.int32(k))
+    assert _same(np.asarray(c), np.asarray(d)).all()
+    assert len(jax.make_jaxpr(lambda v: ieee.scale_up_exact(v, k))(x).eqns) < \
+        len(jax.make_jaxpr(lambda v, kk: ieee.scale_up_exact(v, kk))(x, jnp.int32(k)).eqns)

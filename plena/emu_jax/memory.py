@@ -24,10 +24,20 @@ def u32(x) -> jnp.ndarray:
     return jnp.asarray(x, dtype=U32) if not isinstance(x, jnp.ndarray) else x.astype(U32)
 
 
+def _known(x) -> bool:
+    """Whether ``x`` is known while tracing (a Python or numpy value, not a traced array)."""
+    return isinstance(x, (bool, int, np.bool_, np.integer)) or (isinstance(x, np.ndarray) and x.ndim == 0)
+
+
 def first_err(*codes) -> jnp.ndarray:
-    """The first non-zero error code (instruction rules are checked in order)."""
-    out = jnp.int32(0)
+    """The first non-zero error code (instruction rules are checked in order). Codes known
+    while tracing (:func:`err_if` on a field condition) add no operation."""
+    out = np.int32(0)
     for code in reversed(codes):
+        if _known(code):
+            if int(code) != 0:
+                out = np.int32(code)
+            continue
         code = jnp.asarray(code, I32)
         out = jnp.where(code != 0, code, out)
     return out
@@ -47,6 +57,10 @@ def pick(cond, a, b):
 
 
 def err_if(cond, code: Err) -> jnp.ndarray:
+    """``code`` where ``cond`` holds, else 0 (a numpy constant when ``cond`` is known while
+    tracing, as conditions on the fast executor's instruction fields are)."""
+    if _known(cond):
+        return np.int32(int(code) if cond else 0)
     return jnp.where(cond, jnp.int32(int(code)), jnp.int32(0))
 
 

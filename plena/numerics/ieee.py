@@ -65,8 +65,16 @@ def _operands(a, b):
 # ---------------------------------------------------------------------------------------------
 
 def _pow2_of(e):
-    """2.0**e as f32 for integer arrays e >= -126 (0.0 below)."""
+    """2.0**e as f32 for integer arrays e >= -126 (0.0 below); a Python int e gives a numpy
+    constant (nothing to trace)."""
+    if isinstance(e, int):
+        return np.float32(0.0) if e < -126 else np.float32(2.0 ** min(e, 127))
     return _float(jnp.where(e >= -126, (jnp.clip(e, -126, 127) + 127) << 23, 0).astype(_U))
+
+
+def _exp_field(k):
+    """``k << 23`` as u32: ``k`` added to an exponent field."""
+    return np.uint32(k << 23) if isinstance(k, int) else (jnp.asarray(k, jnp.int32) << 23).astype(_U)
 
 
 def scale_up_exact(x, k):
@@ -74,9 +82,10 @@ def scale_up_exact(x, k):
     exponent field moved for normal values, the integer significand rescaled for subnormals (a
     multiply would meet DAZ). ±inf and NaN pass through."""
     b = _bits(x)
-    k = jnp.asarray(k, jnp.int32)
+    if not isinstance(k, int):
+        k = jnp.asarray(k, jnp.int32)
     ef = ((b >> np.uint32(23)) & np.uint32(0xFF)).astype(jnp.int32)
-    up = _float(jnp.where((ef > 0) & (ef < 255), b + (k << 23).astype(_U), b))
+    up = _float(jnp.where((ef > 0) & (ef < 255), b + _exp_field(k), b))
     sub = (b & np.uint32(0x7FFFFF)).astype(jnp.float32) * _pow2_of(k - 149)
     sub = jnp.where((b & _SIGN) != 0, -sub, sub)
     return jnp.where(ef == 0, sub, up)
@@ -86,11 +95,12 @@ def scale_down_exact(s, k):
     """``s * 2**-k`` for integer ``k >= 0`` and a value that is exactly representable (normal or
     subnormal), built on the bits."""
     b = _bits(s)
-    k = jnp.asarray(k, jnp.int32)
+    if not isinstance(k, int):
+        k = jnp.asarray(k, jnp.int32)
     ef = ((b >> np.uint32(23)) & np.uint32(0xFF)).astype(jnp.int32)
     normal = (ef - k >= 1) | (ef == 255) | (k == 0)
     q = (jnp.abs(s) * _pow2_of(149 - k)).astype(_U)  # a subnormal's significand (exact)
-    return _float(jnp.where(normal, b - (k << 23).astype(_U) * (ef < 255), (b & _SIGN) | q))
+    return _float(jnp.where(normal, b - _exp_field(k) * (ef < 255), (b & _SIGN) | q))
 
 
 def _add_impl(a, b):
