@@ -6,7 +6,7 @@ launch, and a bit-exact softmax row is ~80 of them: launch overhead, not arithme
 of the time. XLA:CPU can compile a whole while loop into one function instead (its "small
 while-loop hoisting"), but only for loops whose body touches fewer than
 ``xla_cpu_small_while_loop_byte_threshold`` bytes, 1 KiB by default, while the machine state
-a body carries is hundreds of KiB. Raising the threshold makes every loop without a dot,
+a body carries is hundreds of KiB. Raising the threshold makes every loop without a
 scatter or sort one function: on ``ci_flash_attention_m64b16b2s32`` the compiled blocks run ~2x
 faster (docs/emulator.md has the measurements). The results are the same bits (the same HLO,
 emitted another way; the test suite compares every executor bit for bit).
@@ -24,7 +24,7 @@ import os
 import warnings
 
 OPTION = "xla_cpu_small_while_loop_byte_threshold"
-LOOP_BYTES = 1 << 30  #: hoist every loop XLA can (it skips loops with a dot, scatter, sort or custom call)
+LOOP_BYTES = 1 << 30  #: hoist every loop XLA can (it skips loops with a scatter, sort or custom call)
 FLAG = f"--xla_backend_extra_options={OPTION}={LOOP_BYTES}"
 ENV_SWITCH = "PLENA_JAX_XLA_OPTIONS"  #: "0": leave XLA_FLAGS as it is
 
