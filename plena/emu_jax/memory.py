@@ -49,7 +49,7 @@ def pick(cond, a, b):
     is then known while tracing and only the chosen value is built (``a`` and ``b`` may be
     callables, called only when chosen), so an instruction emits no code for the variant it
     is not. ``a`` and ``b`` must have the result's shape and dtype."""
-    if isinstance(cond, (bool, np.bool_)):
+    if _known(cond):
         chosen = a if cond else b
         return chosen() if callable(chosen) else chosen
     a, b = (x() if callable(x) else x for x in (a, b))

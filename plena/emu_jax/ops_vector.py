@@ -31,8 +31,10 @@ def head_mask(geo: Geometry, st, f: Fields):
 
 
 def masked(geo: Geometry, st, f: Fields, new, old):
-    """``new`` where the op updates (:func:`head_mask`), else ``old``."""
-    return pick(f.rs3 == 0, lambda: new, lambda: jnp.where(head_mask(geo, st, f), new, old))
+    """``new`` where the op updates (:func:`head_mask`), else ``old`` (a value, or a callable
+    that makes it: without a mask it is never made)."""
+    return pick(f.rs3 == 0, lambda: new,
+                lambda: jnp.where(head_mask(geo, st, f), new, old() if callable(old) else old))
 
 
 def _write_row(geo, st, f, values_f32, *errs):
@@ -85,8 +87,7 @@ def _unary_row(name: str, masked_off: str):
         def keep():
             return unary.apply_bits(masked_off, bits) if masked_off != "identity" else bits_to_f32(bits)
 
-        out = pick(f.rs3 == 0, lambda: r, lambda: jnp.where(head_mask(geo, st, f), r, keep()))
-        return _write_row(geo, st, f, out, err)
+        return _write_row(geo, st, f, masked(geo, st, f, r, keep), err)
     return run
 
 
