@@ -75,6 +75,36 @@ def test_reroll_folds_repeats_that_differ_only_in_immediates():
     assert structure.signature_tree(structure.reroll(items2, sigs2), sigs2) == structure.signature_tree(folded, sigs)
 
 
+def test_runs_of_one_instruction_of_any_length_share_code():
+    """The rows of a causal mask: row r stores r + 1 times one value, then 7 - r times another.
+    Each run of one instruction whose operands step evenly is an affine repeat (its length an
+    operand), so the rows fold into one repeat of four items, and the program runs as the
+    interpreter runs it. A run whose immediates do not step evenly stays a plain repeat, and
+    without the program (its immediates) nothing is affine."""
+    rows = []
+    for r in range(7):
+        rows += [f"S_ST_FP f1, gp0, {i}" for i in range(r + 1)] + [f"S_ST_FP f2, gp0, {i}" for i in range(r + 1, 8)]
+        rows += ["S_MAP_V_FP gp1, gp0, 0", "S_ADDI_INT gp1, gp1, 64"]
+    p = api.load_program(prog(rows))
+    items, sigs = structure.parse(p)
+    folded = structure.reroll(items, sigs, prog=p)
+    key = lambda pc: structure.instr_key(p, pc)  # noqa: E731
+    # row 0's first store, then (row r's second run, its map and increment, row r+1's first run) x 6
+    assert structure.signature_tree(folded, sigs) == (
+        key(0), ("R", 6, (("RA", (key(1),)), key(8), key(9), ("RA", (key(0),)))), key(67), key(68), key(69))
+    copy0 = folded[1].copies[0]
+    first, step = structure.operands(copy0[0], p)[:4], structure.operands(copy0[0], p)[4:]
+    assert first[:3] == [7, 1, 1] and step[:2] == [1, 1]  # 7 stores from pc 1, imm 1; pc and imm + 1
+    assert structure.operands(copy0[3], p)[:3] == [2, 10, 0]  # row 1: 2 stores from pc 10, imm 0
+    assert "RA" not in str(structure.signature_tree(structure.reroll(items, sigs), sigs))
+    uneven = api.load_program(prog([f"S_ST_FP f1, gp0, {i}" for i in (0, 1, 2, 4)]))
+    items, sigs = structure.parse(uneven)
+    assert structure.signature_tree(structure.reroll(items, sigs, prog=uneven), sigs)[0][0] == "R"
+    a, b = run_both(prog(rows + ["S_ADDI_INT gp1, gp0, 0", "C_LOOP_START gp3, 64", "V_ADD_VV gp2, gp1, gp1, 0",
+                                 "S_ADDI_INT gp1, gp1, 64", "C_LOOP_END gp3"]), fast_options=dict(hot=1))
+    assert_same(a, b)
+
+
 def test_constant_idioms_share_one_signature():
     """S_ADDI_INT gX, gp0, v / S_LUI_INT gX, hi / S_LUI_INT + S_ADDI_INT gX, gX, lo all load a
     constant: one ("K", X) signature with the value as operand, so code that loads small and
@@ -143,7 +173,7 @@ def test_structured_plan_equals_linear_walk_and_skips_iterations():
 
 # ------------------------------------------------------------------------------------------
 # conformance programs
-CASES = ["aten_linear", "aten_flash_attention_gqa", "moe_combine", "de_h_store", "de_bmm", "de_flashattn_decode"]
+CASES = ["aten_linear", "aten_flash_attention_gqa", "aten_flash_attention_gqa_causal", "moe_combine", "de_h_store", "de_bmm", "de_flashattn_decode"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -241,13 +271,23 @@ def test_random_programs_identical_to_interpreter(src, seed):
     assert_same(a, b)
 
 
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(programs(), st.integers(0, 2**16))
+def test_random_programs_as_one_instruction_steps_identical_to_interpreter(src, seed):
+    """Everything cold, run as one-instruction steps (loops unrolled on the host)."""
+    words = prog(src)
+    a, b = run_both(words, fast_options=dict(hot=10**9, eager_max=10**9), **_inputs(seed))
+    assert_same(a, b)
+
+
 def _schedule(src, **kw):
+    """The schedule of a program (cold code on the interpreter unless ``eager_max`` is given)."""
     from plena.emu_jax import dispatch
 
     p = api.load_program(prog(src))
     items, sigs = structure.parse(p)
     items = structure.reroll(items, sigs)
-    return fast.schedule(items, p, sigs, micro=dispatch.micro_steps(CFG), **kw)
+    return fast.schedule(items, p, sigs, micro=dispatch.micro_steps(CFG), **{"eager_max": 0, **kw})
 
 
 def _kinds(steps):
@@ -295,6 +335,49 @@ def test_schedule_compiles_little_cold_code_with_the_blocks():
     assert _kinds(_schedule(cold, cold_max=64)) == ["interp"]
     a, b = run_both(prog(src))
     assert_same(a, b)
+
+
+def test_short_cold_code_runs_as_one_instruction_steps(monkeypatch):
+    """Cold code of at most ``eager_max`` dynamic instructions runs one instruction per step,
+    each opcode compiled once for any registers and immediates (no interpreter is compiled);
+    loop counters, constants and an fp-destination no-op come out as the interpreter leaves
+    them. More cold code than ``eager_max`` stays on the interpreter."""
+    hot_loop = ["C_LOOP_START gp3, 64", "V_ADD_VV gp1, gp2, gp2, 0", "S_ADDI_INT gp1, gp1, 64", "C_LOOP_END gp3"]
+    cold = [li(5, 70000), "S_LD_FP f1, gp0, 1", "S_LD_FP f2, gp0, 2", "S_ADD_FP f0, f1, f2",
+            "C_LOOP_START gp4, 3", "S_ADD_FP f3, f1, f3", "S_ST_FP f3, gp5, 0", "S_ADDI_INT gp5, gp5, 1", "C_LOOP_END gp4",
+            "V_MUL_VF gp2, gp2, f3, 0"]
+    src = cold + hot_loop + cold
+    steps = _schedule(src, eager_max=64, cold_max=0)
+    ones = [s for s in steps if fast._one_instruction(s)]
+    assert not any(isinstance(s, fast.Interp) for s in steps) and len(steps) - len(ones) == 1
+    by_op = {}
+    for s in ones:
+        if len(s.sig) == 2:
+            by_op.setdefault(s.sig[1][1], []).append(s)
+    names = {structure.BY_MNEMONIC[m].code: m for m in ("S_LD_FP", "S_ADD_FP", "S_ST_FP", "S_ADDI_INT", "V_MUL_VF")}
+    # per copy of the cold code: 2 loads, 3 adds, stores and increments (the loop unrolled), 1
+    # multiply; S_ADD_FP f0 writes nothing (no step); the constant and the loop counter are sets
+    assert {names[k]: len(v) for k, v in by_op.items()} == \
+        {"S_LD_FP": 4, "S_ADD_FP": 6, "S_ST_FP": 6, "S_ADDI_INT": 6, "V_MUL_VF": 2}
+    per_copy = plan_program(api.load_program(prog(cold)), CFG).dynamic_instructions
+    assert sum(s.dyn for s in ones) == 2 * per_copy == 2 * 18  # 1 + 2 + 1 + (1 + 3 * 4) + 1
+    assert _kinds(_schedule(src, eager_max=35, cold_max=0)) == ["interp", "block", "interp"]
+    compiled = []
+
+    class Recording:  # fast.run_compiled, recording the blocks compiled
+        def lower(self, geo, sig, *args):
+            compiled.append(sig)
+            return real.lower(geo, sig, *args)
+
+        def clear_cache(self):
+            real.clear_cache()
+
+    real = fast.run_compiled
+    monkeypatch.setattr(fast, "_BLOCKS", {})
+    monkeypatch.setattr(fast, "run_compiled", Recording())
+    a, b = run_both(prog(src), fast_options=dict(eager_max=64, cold_max=0))
+    assert_same(a, b)
+    assert len(compiled) == len(set(compiled)) == len({s.sig for s in steps})  # one compile per opcode
 
 
 def test_long_schedules_get_larger_blocks(monkeypatch):

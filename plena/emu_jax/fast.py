@@ -148,16 +148,26 @@ def _rows_at_once(geo: Geometry, name: str, fn, f: Fields, pc, st: MachineState,
 def _instr(geo: Geometry, key: tuple, o, st: MachineState) -> MachineState:
     """Emit one instruction: key = ("I", opcode, rd, rs1, rs2, rs3, funct1); o = [pc, imm18, imm22]."""
     _, op, rd, rs1, rs2, rs3, funct1 = key
-    pc = o[0]
+    if dispatch.FP_DEST[op] and rd == 0:  # a no-op (spec §2.1), counted by the plan
+        return st
+    return _emit(geo, op, Fields.of_key(key, o[1], o[2]), o[0], st)
+
+
+def _any_instr(geo: Geometry, op: int, o, st: MachineState) -> MachineState:
+    """Emit one instruction of opcode ``op`` whatever its other fields: a "D" item, o = [pc,
+    imm18, imm22, rd, rs1, rs2, rs3, funct1] (all run-time values, so one compiled form
+    serves every instruction with this opcode). A no-op (an fp destination f0) has no D item."""
+    f = Fields(opcode=np.int32(op), rd=o[3], rs1=o[4], rs2=o[5], rs3=o[6], funct1=o[7], imm18=o[1], imm22=o[2])
+    return _emit(geo, op, f, o[0], st)
+
+
+def _emit(geo: Geometry, op: int, f: Fields, pc, st: MachineState) -> MachineState:
     spec = OPCODES.get(op)
     if spec is None or not spec.executable:
         first = st.err == 0
         return st._replace(err=jnp.where(first, jnp.int32(int(Err.INVALID_OPCODE)), st.err),
                            err_pc=jnp.where(first, pc, st.err_pc))
-    if dispatch.FP_DEST[op] and rd == 0:  # a no-op (spec §2.1), counted by the plan
-        return st
     fn = dispatch.IMPLEMENTATIONS[spec.mnemonic]
-    f = Fields.of_key(key, o[1], o[2])
     nsub = int(dispatch.micro_steps(geo.cfg)[op])
 
     def micro(sub, s):
@@ -183,6 +193,8 @@ def operand_count(sig) -> int:
     kind = sig[0]
     if kind == "I":
         return structure.INSTR_OPERANDS
+    if kind == "D":
+        return structure.INSTR_OPERANDS + len(structure.REG_FIELDS)
     if kind in ("S", "P", "K"):
         return 1
     if kind == "G":
@@ -191,6 +203,8 @@ def operand_count(sig) -> int:
         return 3 + sum(operand_count(s) for s in sig[2])
     if kind in ("LV", "VL"):
         return 3 + sum(operand_count(s) for s in sig[3])
+    if kind == "RA":  # count, first copy's operands, step
+        return 1 + 2 * operand_count(sig[1][0])
     return sig[1] * sum(operand_count(s) for s in sig[2])
 
 
@@ -207,6 +221,8 @@ def _item(geo: Geometry, sig, ops, st: MachineState) -> MachineState:
     kind = sig[0]
     if kind == "I":
         return _instr(geo, sig, ops, st)
+    if kind == "D":
+        return _any_instr(geo, sig[1], ops, st)
     if kind == "S":  # a host-driven loop's counter register
         return st._replace(gp=st.gp.at[sig[1]].set(ops[0].astype(jnp.uint32)))
     if kind == "P":  # where the interpreter resumes
@@ -219,6 +235,10 @@ def _item(geo: Geometry, sig, ops, st: MachineState) -> MachineState:
         return _tile_loop(geo, sig, ops, st)
     if kind == "VL":  # iterations at once (a conflict between them makes the caller redo the run)
         return vectorise.run_loop(geo, sig, ops, st)
+    if kind == "RA":  # one instruction, count times, its operands moving by a step
+        n = operand_count(sig[1][0])
+        first, step = ops[1: 1 + n], ops[1 + n:]
+        return lax.fori_loop(0, ops[0], lambda k, s: _item(geo, sig[1][0], first + k * step, s), st)
     body = sig[2]
     if kind == "L":
         reg, count, body_ops = sig[1], ops[1], ops[3:]
@@ -313,6 +333,13 @@ UNIT = 8
 #: compiled blocks, they are compiled too: the interpreter then is not compiled at all (a few
 #: seconds), and each interpreter call costs about 0.5 ms however little it runs
 COLD_MAX = 64
+#: cold code of at most this many dynamic instructions in all runs as one-instruction steps
+#: (:func:`one_instruction_steps`) instead of on the reference interpreter. Each opcode is
+#: compiled once, for any registers and immediates (~0.1-0.6 s of CPU each, in parallel with
+#: the blocks), where the interpreter for the same code (every cold opcode's record and replay
+#: branches in one loop) took 3-8 s; a step costs ~30-100 us of host dispatch, so long cold
+#: code keeps the interpreter.
+EAGER_MAX = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,7 +369,7 @@ def _dynamic(it) -> int:
     if isinstance(it, structure.Instr):
         return 1
     if isinstance(it, structure.Loop):
-        return 2 + it.count * sum(_dynamic(x) for x in it.body)
+        return 1 + it.count * (1 + sum(_dynamic(x) for x in it.body))  # C_LOOP_END runs per iteration
     return sum(_dynamic(x) for c in it.copies for x in c)
 
 
@@ -368,8 +395,67 @@ def _work(it, sigs: structure.Signatures, micro) -> int:
     return sum(_work(x, sigs, micro) for c in it.copies for x in c)
 
 
+def one_instruction_steps(items: list, prog: DecodedProgram, sigs: structure.Signatures) -> list:
+    """Items as steps of one instruction each, in execution order: hardware loops and repeats
+    unrolled on the host, every instruction a :class:`Block` of signature
+    ``(("G",), ("D", opcode))`` (the register sets pending before it, then the instruction with
+    all its fields as operands), so a program's cold code compiles one small function per
+    opcode. Loop counters, constants and register sets (C_LOOP_START / C_LOOP_END,
+    :class:`~plena.emu_jax.structure.Const`, :class:`~plena.emu_jax.structure.Regs`) become
+    the pending register sets; those left at the end make a ``(("G",),)`` step."""
+    n = structure.REG_SLOTS
+    on, val = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    out: list = []
+    dyn = [0]  # instructions accounted for by the pending sets
+
+    def put(slot: int, value: int):
+        on[slot], val[slot] = 1, structure._i32(value)
+
+    def step(sig: tuple, fields: list):
+        out.append(Block(sig, np.concatenate([on, val, np.asarray(fields, np.int32)]), 1 if fields else 0, dyn[0]))
+        on[:], val[:], dyn[0] = 0, 0, 0
+
+    def walk(its):
+        for it in its:
+            if isinstance(it, structure.Const):
+                put(it.reg, it.value)
+                dyn[0] += it.end - it.pc
+            elif isinstance(it, structure.Regs):
+                for slot, v in enumerate(it.values):
+                    if v is not None:
+                        put(slot, v)
+                dyn[0] += it.end - it.pc
+            elif isinstance(it, structure.Instr):
+                key = sigs.keys[it.sig]
+                dyn[0] += 1
+                if not (dispatch.FP_DEST[key[1]] and key[2] == 0):  # else a no-op
+                    step((("G",), ("D", key[1])),
+                         [it.pc, int(prog.imm18[it.pc]), int(prog.imm22[it.pc]), *key[2:]])
+            elif isinstance(it, structure.Loop):
+                put(it.reg, it.count)  # C_LOOP_START
+                dyn[0] += 1
+                for k in range(it.count):
+                    walk(it.body)
+                    put(it.reg, it.count - k - 1)  # C_LOOP_END
+                    dyn[0] += 1
+            else:
+                for copy in it.copies:
+                    walk(copy)
+
+    walk(items)
+    if on.any() or dyn[0]:
+        step((("G",),), [])
+    return out
+
+
+def _one_instruction(step) -> bool:
+    """A step of :func:`one_instruction_steps`."""
+    return isinstance(step, Block) and step.sig[0] == ("G",) and all(k[0] == "D" for k in step.sig[1:])
+
+
 def schedule(items: list, prog: DecodedProgram, sigs: structure.Signatures, *, max_block: int | None = None,
-             hot: int = HOT, absorb: int = ABSORB, unit: int = UNIT, cold_max: int = COLD_MAX, micro=None) -> list:
+             hot: int = HOT, absorb: int = ABSORB, unit: int = UNIT, cold_max: int = COLD_MAX,
+             eager_max: int = EAGER_MAX, micro=None) -> list:
     """Steps that execute ``items`` in order.
 
     An item is *hot* when the reference interpreter would run at least ``hot`` micro-steps
@@ -381,13 +467,14 @@ def schedule(items: list, prog: DecodedProgram, sigs: structure.Signatures, *, m
     reference interpreter (:class:`Interp` ranges). A hot loop too big for one block is driven
     from the host: its counter register is set in the blocks (the pseudo item ("S", reg)) and
     its body's steps are repeated per iteration. When blocks are made and the cold code is at
-    most ``cold_max`` instructions in all, it is compiled too (everything is hot).
+    most ``cold_max`` instructions in all, it is compiled too (everything is hot). Cold code of
+    at most ``eager_max`` dynamic instructions runs as :func:`one_instruction_steps` instead.
     ``max_block`` None: :data:`MAX_BLOCK`, or :data:`MAX_BLOCK_LONG` when that schedule has
     more than :data:`LONG_STEPS` steps."""
     if max_block is None:
         steps = schedule(items, prog, sigs, max_block=MAX_BLOCK, hot=hot, absorb=absorb, unit=unit,
-                         cold_max=cold_max, micro=micro)
-        if len(steps) <= LONG_STEPS:
+                         cold_max=cold_max, eager_max=eager_max, micro=micro)
+        if sum(not _one_instruction(s) for s in steps) <= LONG_STEPS:
             return steps
         max_block = MAX_BLOCK_LONG
     micro = np.ones(64, np.int64) if micro is None else micro
@@ -395,15 +482,19 @@ def schedule(items: list, prog: DecodedProgram, sigs: structure.Signatures, *, m
     steps = _schedule(items, prog, sigs, hot=hot, **kw)
     cold = sum(s.hi - s.lo for s in steps if isinstance(s, Interp))
     if 0 < cold <= cold_max and any(isinstance(s, Block) for s in steps):
-        steps = _schedule(items, prog, sigs, hot=0, **kw)
+        hot, steps = 0, _schedule(items, prog, sigs, hot=0, **kw)
+    if 0 < sum(s.dyn for s in steps if isinstance(s, Interp)) <= eager_max:
+        steps = _schedule(items, prog, sigs, hot=hot, eager=True, **kw)
     return steps
 
 
 def _schedule(items: list, prog: DecodedProgram, sigs: structure.Signatures, *, max_block: int, hot: int,
-              absorb: int, unit: int, micro) -> list:
-    """:func:`schedule` for one hotness threshold."""
+              absorb: int, unit: int, micro, eager: bool = False) -> list:
+    """:func:`schedule` for one hotness threshold (``eager``: cold code as
+    :func:`one_instruction_steps`, else on the interpreter)."""
     out: list = []
     group: list = []  # (signature, operands, size, dynamic instructions)
+    cold: list = []  # eager: cold items not yet made steps
 
     def flush():
         if group:
@@ -412,13 +503,20 @@ def _schedule(items: list, prog: DecodedProgram, sigs: structure.Signatures, *, 
             group.clear()
 
     def add(sig, ops, size, dyn=0):
+        if cold:  # (the group is empty: the cold item flushed it)
+            out.extend(one_instruction_steps(cold, prog, sigs))
+            cold.clear()
         if group and sum(g[2] for g in group) + size > max_block:
             flush()
         group.append((sig, ops, size, dyn))
 
     pc_now = [0]  # the pc the machine holds before the next step
 
-    def interp(lo, hi, dyn):
+    def interp(lo, hi, dyn, item):
+        if eager:
+            flush()
+            cold.append(item)
+            return
         if pc_now[0] != lo:  # the interpreter starts at the state's pc: set it in a block
             add(("P",), [lo], 0)
         flush()
@@ -456,7 +554,7 @@ def _schedule(items: list, prog: DecodedProgram, sigs: structure.Signatures, *, 
         for it, is_hot in zip(its, hotness(its, reps)):
             size, dyn = _size(it), _dynamic(it)
             if not is_hot:
-                interp(*_pcs(it), dyn)
+                interp(*_pcs(it), dyn, it)
             elif size <= max_block:
                 if unit and size >= unit:  # a block of its own (with the small items after it)
                     flush()
@@ -474,6 +572,7 @@ def _schedule(items: list, prog: DecodedProgram, sigs: structure.Signatures, *, 
 
     walk(items, 1)
     flush()
+    out.extend(one_instruction_steps(cold, prog, sigs))
     return out
 
 
@@ -542,7 +641,7 @@ def prepare(prog: DecodedProgram, geo: Geometry, example_state: MachineState, *,
         return None
     if intsram is not _UNKNOWN:
         items = regfold.fold(items, prog, geo.cfg, intsram, sigs)
-    items = structure.reroll(items, sigs)
+    items = structure.reroll(items, sigs, prog=prog)
     steps = schedule(items, prog, sigs, micro=dispatch.micro_steps(geo.cfg), **kw)
     t0 = time.perf_counter()
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),

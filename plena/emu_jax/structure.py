@@ -85,6 +85,9 @@ class Repeat:
     body: tuple  # the first copy
     copies: tuple  # all copies (tuples of items), for operands
     sig: int
+    #: one instruction whose operands move by a fixed step per copy: signature ("RA", body)
+    #: whatever ``times``, operands [times, first copy's, step] (see :func:`affine_step`)
+    affine: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,9 +246,26 @@ def _runs(ids: np.ndarray, period: int) -> np.ndarray:
     return out[:n]
 
 
-def reroll_level(items: list, sigs: Signatures, *, max_period: int = 256, budget: int = 1 << 24) -> list:
+def affine_step(copies: tuple, prog: DecodedProgram | None) -> list | None:
+    """The per-copy step of the operands of a repeated single instruction when every copy's
+    operands are the first copy's plus k times that step (None otherwise, or without
+    ``prog``). Such a repeat runs with its count as an operand (signature ("RA", body)), so
+    runs of one instruction that differ only in length share their code: the rows of a
+    causal mask (row r stores r + 1 zeros, then 63 - r times -inf) fold into one repeat."""
+    if prog is None or len(copies[0]) != 1 or not isinstance(copies[0][0], Instr):
+        return None
+    ops = np.array([operands(c[0], prog) for c in copies], np.int64)
+    step = ops[1] - ops[0]
+    if not (ops == ops[0] + np.arange(len(ops))[:, None] * step).all():
+        return None
+    return [int(x) for x in step]
+
+
+def reroll_level(items: list, sigs: Signatures, *, max_period: int = 256, budget: int = 1 << 24,
+                 prog: DecodedProgram | None = None) -> list:
     """One pass of folding at one level: greedy, left to right, taking at each position the
-    repetition that covers the most items (the shortest period among equals)."""
+    repetition that covers the most items (the shortest period among equals). With ``prog``,
+    repeats of one instruction with evenly stepping operands become affine (:func:`affine_step`)."""
     n = len(items)
     if n < 2:
         return list(items)
@@ -268,31 +288,34 @@ def reroll_level(items: list, sigs: Signatures, *, max_period: int = 256, budget
         k = best_cover // best_p
         copies = tuple(tuple(items[i + j * best_p: i + (j + 1) * best_p]) for j in range(k))
         if best_p > 1:  # fold inside the body too (every copy the same way: same signatures)
-            folded = tuple(tuple(reroll(list(c), sigs)) for c in copies)
+            folded = tuple(tuple(reroll(list(c), sigs, prog=prog)) for c in copies)
             if len({tuple(it.sig for it in c) for c in folded}) == 1:
                 copies = folded
         body = copies[0]
-        sig = sigs(("R", k, tuple(it.sig for it in body)))
-        out.append(Repeat(k, body, copies, sig))
+        if affine_step(copies, prog) is not None:
+            out.append(Repeat(k, body, copies, sigs(("RA", (body[0].sig,))), affine=True))
+        else:
+            out.append(Repeat(k, body, copies, sigs(("R", k, tuple(it.sig for it in body)))))
         i += k * best_p
     return out
 
 
-def reroll(items: list, sigs: Signatures, *, passes: int = 4) -> list:
+def reroll(items: list, sigs: Signatures, *, passes: int = 4, prog: DecodedProgram | None = None) -> list:
     """Fold repeated code at every level of the tree (loop bodies included), repeatedly, so
-    repeats of repeats (e.g. decoder layers made of repeated tiles) fold too."""
-    items = [_reroll_inside(it, sigs, passes) for it in items]
+    repeats of repeats (e.g. decoder layers made of repeated tiles) fold too. ``prog``: the
+    program (its immediates), for affine repeats (:func:`affine_step`)."""
+    items = [_reroll_inside(it, sigs, passes, prog) for it in items]
     for _ in range(passes):
-        new = reroll_level(items, sigs)
+        new = reroll_level(items, sigs, prog=prog)
         if len(new) == len(items):
             break
         items = new
     return items
 
 
-def _reroll_inside(item: Item, sigs: Signatures, passes: int) -> Item:
+def _reroll_inside(item: Item, sigs: Signatures, passes: int, prog: DecodedProgram | None) -> Item:
     if isinstance(item, Loop):
-        body = tuple(reroll(list(item.body), sigs, passes=passes))
+        body = tuple(reroll(list(item.body), sigs, passes=passes, prog=prog))
         sig = sigs(loop_key(item.reg, item.count, tuple(sigs.keys[it.sig] for it in body), sigs.lanes))
         return dataclasses.replace(item, body=body, sig=sig)
     return item
@@ -318,6 +341,8 @@ def operands(item: Item, prog: DecodedProgram) -> list:
         for it in item.body:
             out += operands(it, prog)
         return out
+    if item.affine:
+        return [int(item.times), *operands(item.copies[0][0], prog), *affine_step(item.copies, prog)]
     out = []
     for copy in item.copies:
         for it in copy:
@@ -335,4 +360,6 @@ def _sig_tree(item: Item, sigs: Signatures):
         return sigs.keys[item.sig]
     if isinstance(item, Loop):
         return loop_key(item.reg, item.count, tuple(_sig_tree(it, sigs) for it in item.body), sigs.lanes)
+    if item.affine:
+        return ("RA", (_sig_tree(item.body[0], sigs),))
     return ("R", item.times, tuple(_sig_tree(it, sigs) for it in item.body))
