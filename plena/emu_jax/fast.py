@@ -594,8 +594,13 @@ def release_heap() -> None:
 #: default, at 5.3-6.6 M instr/s either way; the one-layer decoder in 19-25 instead of 25-32
 #: s, its steps ~5 % slower (the SiLU lanes block 0.85 -> 1.10 ms, the attention
 #: projections 1.62 -> 1.82 ms, the residual adds 0.85 -> 0.71 ms). Optimisation level 0
-#: compiled faster still but ran 6x slower.
-COMPILER_OPTIONS: dict = {"xla_cpu_use_fusion_emitters": False}
+#: compiled faster still but ran 6x slower. LLVM optimisation level 1 (XLA's default is 2):
+#: LLVM's IR passes are ~30 % of a block's compile (perf on the flash-attention block);
+#: at level 1 that block compiled with 6-22 % less CPU in 5 of 5 fresh-process pairs
+#: (median 4.7 against 5.4 s) and ran as fast; in two interleaved runs of
+#: benchmarks/executors.py the one-layer decoder ran ~10 % slower (9.6-9.7 against 10.6-10.9
+#: M instr/s) and ci_flash_attention faster (6.5-7.0 against 6.2 M instr/s).
+COMPILER_OPTIONS: dict = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 1}
 
 
 @dataclasses.dataclass
