@@ -42,11 +42,12 @@ def _hbm(seed):
     return hbm
 
 
-@pytest.mark.parametrize("executor", ["interpreter", "fast"])
-def test_batch_equals_sequential_runs(executor):
+@pytest.mark.parametrize("executor, options", [("interpreter", None), ("fast", dict(hot=1)),
+                                               ("fast", dict(hot=10**9))])  # all compiled / all one-instruction steps
+def test_batch_equals_sequential_runs(executor, options):
     words = assemble(SOURCE)
     hbms = [_hbm(i) for i in range(4)]
-    batch = run_batch(words, hbm=hbms, hbm_size=4096, executor=executor, fast_options=dict(hot=1))
+    batch = run_batch(words, hbm=hbms, hbm_size=4096, executor=executor, fast_options=options)
     assert batch.size == 4
     for i, h in enumerate(hbms):
         single = run(words, hbm=h, hbm_size=4096)
