@@ -380,6 +380,35 @@ def test_short_cold_code_runs_as_one_instruction_steps(monkeypatch):
     assert len(compiled) == len(set(compiled)) == len({s.sig for s in steps})  # one compile per opcode
 
 
+@pytest.mark.parametrize("split_repeat", [4, 1000])
+def test_a_dominant_blocks_big_repeats_compile_in_halves(monkeypatch, split_repeat):
+    """In a block with more than half of the instructions to compile, a repeat whose body
+    emits at least SPLIT_REPEAT instructions runs as two one-trip loops behind a sort (XLA
+    then compiles the halves as two functions, in parallel); the result is the same."""
+    src = []
+    for k in range(4):
+        src += [f"S_ADDI_INT gp1, gp0, {64 * k}", "V_ADD_VV gp2, gp1, gp1, 0", "V_MUL_VV gp3, gp1, gp2, 0",
+                "V_EXP_V gp4, gp3, 0", "S_ADD_FP f1, f1, f2"]
+    lowered = []
+
+    class Recording:  # fast.run_compiled, keeping the lowered text
+        def lower(self, geo, sig, *args):
+            out = real.lower(geo, sig, *args)
+            lowered.append(out.as_text())
+            return out
+
+        def clear_cache(self):
+            real.clear_cache()
+
+    real = fast.run_compiled
+    monkeypatch.setattr(fast, "SPLIT_REPEAT", split_repeat)
+    monkeypatch.setattr(fast, "_BLOCKS", {})
+    monkeypatch.setattr(fast, "run_compiled", Recording())
+    a, b = run_both(prog(src), fast_options=dict(hot=1))
+    assert_same(a, b)
+    assert len(lowered) == 1 and ("stablehlo.sort" in lowered[0]) == (split_repeat == 4)
+
+
 def test_long_schedules_get_larger_blocks(monkeypatch):
     """A schedule of more than LONG_STEPS steps is made again with blocks of up to
     MAX_BLOCK_LONG instructions (fewer host calls); a short one keeps MAX_BLOCK, and an
