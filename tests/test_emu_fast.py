@@ -337,6 +337,25 @@ def test_schedule_compiles_little_cold_code_with_the_blocks():
     assert_same(a, b)
 
 
+def _record_lowering(monkeypatch, what) -> list:
+    """Compile every block afresh, through a fast.run_compiled that appends ``what(sig,
+    lowered)`` for each block it lowers to the list returned."""
+    real, seen = fast.run_compiled, []
+
+    class Recording:
+        def lower(self, geo, sig, *args):
+            out = real.lower(geo, sig, *args)
+            seen.append(what(sig, out))
+            return out
+
+        def clear_cache(self):
+            real.clear_cache()
+
+    monkeypatch.setattr(fast, "_BLOCKS", {})
+    monkeypatch.setattr(fast, "run_compiled", Recording())
+    return seen
+
+
 def test_short_cold_code_runs_as_one_instruction_steps(monkeypatch):
     """Cold code of at most ``eager_max`` dynamic instructions runs one instruction per step,
     each opcode compiled once for any registers and immediates (no interpreter is compiled);
@@ -362,19 +381,7 @@ def test_short_cold_code_runs_as_one_instruction_steps(monkeypatch):
     per_copy = plan_program(api.load_program(prog(cold)), CFG).dynamic_instructions
     assert sum(s.dyn for s in ones) == 2 * per_copy == 2 * 18  # 1 + 2 + 1 + (1 + 3 * 4) + 1
     assert _kinds(_schedule(src, eager_max=35, cold_max=0)) == ["interp", "block", "interp"]
-    compiled = []
-
-    class Recording:  # fast.run_compiled, recording the blocks compiled
-        def lower(self, geo, sig, *args):
-            compiled.append(sig)
-            return real.lower(geo, sig, *args)
-
-        def clear_cache(self):
-            real.clear_cache()
-
-    real = fast.run_compiled
-    monkeypatch.setattr(fast, "_BLOCKS", {})
-    monkeypatch.setattr(fast, "run_compiled", Recording())
+    compiled = _record_lowering(monkeypatch, lambda sig, lowered: sig)
     a, b = run_both(prog(src), fast_options=dict(eager_max=64, cold_max=0))
     assert_same(a, b)
     assert len(compiled) == len(set(compiled)) == len({s.sig for s in steps})  # one compile per opcode
@@ -389,21 +396,8 @@ def test_a_dominant_blocks_big_repeats_compile_in_halves(monkeypatch, split_repe
     for k in range(4):
         src += [f"S_ADDI_INT gp1, gp0, {64 * k}", "V_ADD_VV gp2, gp1, gp1, 0", "V_MUL_VV gp3, gp1, gp2, 0",
                 "V_EXP_V gp4, gp3, 0", "S_ADD_FP f1, f1, f2"]
-    lowered = []
-
-    class Recording:  # fast.run_compiled, keeping the lowered text
-        def lower(self, geo, sig, *args):
-            out = real.lower(geo, sig, *args)
-            lowered.append(out.as_text())
-            return out
-
-        def clear_cache(self):
-            real.clear_cache()
-
-    real = fast.run_compiled
     monkeypatch.setattr(fast, "SPLIT_REPEAT", split_repeat)
-    monkeypatch.setattr(fast, "_BLOCKS", {})
-    monkeypatch.setattr(fast, "run_compiled", Recording())
+    lowered = _record_lowering(monkeypatch, lambda sig, out: out.as_text())
     a, b = run_both(prog(src), fast_options=dict(hot=1))
     assert_same(a, b)
     assert len(lowered) == 1 and ("stablehlo.sort" in lowered[0]) == (split_repeat == 4)

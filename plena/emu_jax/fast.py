@@ -208,16 +208,17 @@ def operand_count(sig) -> int:
     return sig[1] * sum(operand_count(s) for s in sig[2])
 
 
-def _items(geo: Geometry, sigs: tuple, ops, st: MachineState) -> MachineState:
+def _items(geo: Geometry, sigs: tuple, ops, st: MachineState, split: bool = False) -> MachineState:
+    """Emit items in order (``split``: big repeats as two halves, see :func:`_repeat`)."""
     off = 0
     for sig in sigs:
         n = operand_count(sig)
-        st = _item(geo, sig, ops[off: off + n], st)
+        st = _item(geo, sig, ops[off: off + n], st, split)
         off += n
     return st
 
 
-def _item(geo: Geometry, sig, ops, st: MachineState) -> MachineState:
+def _item(geo: Geometry, sig, ops, st: MachineState, split: bool = False) -> MachineState:
     kind = sig[0]
     if kind == "I":
         return _instr(geo, sig, ops, st)
@@ -245,14 +246,18 @@ def _item(geo: Geometry, sig, ops, st: MachineState) -> MachineState:
         st = st._replace(gp=st.gp.at[reg].set(count.astype(jnp.uint32)))  # C_LOOP_START
 
         def iteration(k, s):
-            s = _items(geo, body, body_ops, s)
+            s = _items(geo, body, body_ops, s, split)
             return s._replace(gp=s.gp.at[reg].set((count - k - 1).astype(jnp.uint32)))  # C_LOOP_END
 
         return lax.fori_loop(0, count, iteration, st)
-    times = sig[1]
+    return _repeat(geo, sig[1], body, ops, st, split)
+
+
+def _repeat(geo: Geometry, times: int, body: tuple, ops, st: MachineState, split: bool) -> MachineState:
+    """``times`` copies of ``body``, their operands the rows of ``ops``."""
     table = ops.reshape(times, -1)
-    if not _SPLITTING[0] or emitted(body) < SPLIT_REPEAT:
-        return lax.fori_loop(0, times, lambda k, s: _items(geo, body, table[k], s), st)
+    if not split or emitted(body) < SPLIT_REPEAT:
+        return lax.fori_loop(0, times, lambda k, s: _items(geo, body, table[k], s, split), st)
     # a big body in a block that dominates the compile (see prepare): two halves, each a
     # one-trip loop (XLA:CPU compiles a loop whole, as one function; the two compile in
     # parallel), and a sort so that XLA does not compile the repeat itself whole (it keeps a
@@ -265,7 +270,7 @@ def _item(geo: Geometry, sig, ops, st: MachineState) -> MachineState:
     def halves(k, s):
         row = table[k]
         for part, o in ((body[:cut], row[:n_first]), (body[cut:], row[n_first:])):
-            s = lax.fori_loop(0, one, lambda _, s_, part=part, o=o: _items(geo, part, o, s_), s)
+            s = lax.fori_loop(0, one, lambda _, s_, part=part, o=o: _items(geo, part, o, s_, split), s)
         pair = lax.sort(jnp.stack([k, k]))
         return s._replace(err=s.err + (pair[1] - pair[0]))  # + 0
 
@@ -273,9 +278,8 @@ def _item(geo: Geometry, sig, ops, st: MachineState) -> MachineState:
 
 
 #: in a block that dominates a program's compile, a repeat whose body emits at least this many
-#: instructions runs as two halves that compile in parallel (see _item and prepare)
+#: instructions runs as two halves that compile in parallel (see _repeat and prepare)
 SPLIT_REPEAT = 32
-_SPLITTING = [False]  # set while such a block is traced (tracing holds a lock: one at a time)
 
 
 def emitted(sigs: tuple) -> int:
@@ -340,10 +344,11 @@ def _tile_loop(geo: Geometry, sig, ops, st: MachineState) -> MachineState:
         m_acc=acc, gp=gp, err=jnp.where(first, err, st.err), err_pc=jnp.where(first, pc, st.err_pc)))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-def run_compiled(geo: Geometry, sigs: tuple, ops, st: MachineState) -> MachineState:
-    """A list of items (signatures) as one function of (operands, state)."""
-    return _items(geo, sigs, ops, st)
+@functools.partial(jax.jit, static_argnums=(0, 1, 4), donate_argnums=(3,))
+def run_compiled(geo: Geometry, sigs: tuple, ops, st: MachineState, split: bool = False) -> MachineState:
+    """A list of items (signatures) as one function of (operands, state); ``split``: big
+    repeats as two halves (see :func:`_repeat`)."""
+    return _items(geo, sigs, ops, st, split)
 
 
 # ------------------------------------------------------------------------------------------
@@ -656,11 +661,12 @@ class Executable:
 _BLOCKS: dict = {}  # (geometry, block signature) -> compiled block
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 4), donate_argnums=(3,))
-def run_compiled_batched(geo: Geometry, sigs: tuple, ops, st: MachineState, axes: MachineState) -> MachineState:
+@functools.partial(jax.jit, static_argnums=(0, 1, 4, 5), donate_argnums=(3,))
+def run_compiled_batched(geo: Geometry, sigs: tuple, ops, st: MachineState, axes: MachineState,
+                         split: bool = False) -> MachineState:
     """:func:`run_compiled` over a batch of input sets (``axes``: which state fields carry
     the batch axis; control state is shared)."""
-    return jax.vmap(lambda s: _items(geo, sigs, ops, s), in_axes=(axes,), out_axes=axes)(st)
+    return jax.vmap(lambda s: _items(geo, sigs, ops, s, split), in_axes=(axes,), out_axes=axes)(st)
 
 
 _UNKNOWN = object()
@@ -716,14 +722,10 @@ def prepare(prog: DecodedProgram, geo: Geometry, example_state: MachineState, *,
             return sig, fn
         ops = jax.ShapeDtypeStruct(shape, jnp.int32)
         with tracing:
-            _SPLITTING[0] = sig == dominant
-            try:
-                if batch_axes is None:
-                    lowered = run_compiled.lower(geo, sig, ops, abstract)
-                else:
-                    lowered = run_compiled_batched.lower(geo, sig, ops, abstract, batch_axes)
-            finally:
-                _SPLITTING[0] = False
+            if batch_axes is None:
+                lowered = run_compiled.lower(geo, sig, ops, abstract, sig == dominant)
+            else:
+                lowered = run_compiled_batched.lower(geo, sig, ops, abstract, batch_axes, sig == dominant)
         fn = lowered.compile(COMPILER_OPTIONS)
         release_heap()  # after each compile: XLA's freed memory would otherwise pile up (peak RSS)
         return sig, fn
